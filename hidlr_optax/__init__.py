@@ -1,0 +1,33 @@
+"""hidlr-optax: Hessian-informed differential learning rates for optax.
+
+Hi-DLR (Xu, Bu, Zhang & Barnett) sets one learning rate per parameter group
+from a quadratic fit of the loss along the base optimizer's direction; with a
+single group it is GeN (Bu & Xu, arXiv:2407.02772).
+"""
+
+from hidlr_optax._grouping import SINGLE_GROUP_LABEL, SliceLabels, per_slice
+from hidlr_optax._state import (
+    GroupFit,
+    ScaleByHiDLRState,
+    find_states,
+    fit_diagnostics,
+    learning_rates,
+)
+from hidlr_optax._transform import STATIC_ARGS, gen, hidlr, scale_by_hidlr
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GroupFit",
+    "SINGLE_GROUP_LABEL",
+    "STATIC_ARGS",
+    "ScaleByHiDLRState",
+    "SliceLabels",
+    "find_states",
+    "fit_diagnostics",
+    "gen",
+    "hidlr",
+    "learning_rates",
+    "per_slice",
+    "scale_by_hidlr",
+]

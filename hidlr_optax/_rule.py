@@ -1,0 +1,92 @@
+"""From an estimate of the local quadratic model to the next learning rates."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+
+from hidlr_optax import _fit
+from hidlr_optax._estimators import Estimate
+
+Scalar = Union[float, jax.Array]
+
+
+class Proposal(NamedTuple):
+  """What one refresh proposes for every group.
+
+  Attributes:
+    optimal_rates: the fitted minimiser ``eta*`` (meaningful where accepted).
+    accepted: whether each group's refresh passes the acceptance rule.
+  """
+
+  optimal_rates: jax.Array
+  accepted: jax.Array
+
+
+def propose(
+    estimate: Estimate,
+    rates: jax.Array,
+    *,
+    min_r2: Scalar,
+    accept: str,
+    full: bool,
+) -> Proposal:
+  """Applies the acceptance rule and computes ``eta*``.
+
+  A group passes when its slope and curvature are finite and positive and its
+  fit has ``R^2 >= min_r2``. With ``accept="all"`` (the paper's rule) every
+  group must pass for any to update; with ``"group"`` each passing group
+  updates alone. With the full fit, ``eta* = eta * M^{-1} beta`` is used when
+  every group passes and that solution is valid; otherwise the diagonal
+  ``eta*_k = eta_k beta_k / M_kk``.
+  """
+  slope, r2 = estimate.slope, estimate.r_squared
+  diag = jnp.diagonal(estimate.curvature)
+  passes = (
+      jnp.isfinite(slope)
+      & jnp.isfinite(diag)
+      & jnp.isfinite(r2)
+      & (slope > 0)
+      & (diag > 0)
+      & (r2 >= min_r2)
+  )
+  safe_diag = jnp.where(passes, diag, 1)
+  optimal = rates * jnp.where(passes, slope / safe_diag, 1)
+  if full and rates.shape[0] > 1:
+    joint, joint_ok = _fit.solve_full(slope, estimate.curvature)
+    use_joint = joint_ok & jnp.all(passes)
+    optimal = jnp.where(use_joint, rates * joint, optimal)
+  if accept == "all":
+    passes = jnp.broadcast_to(jnp.all(passes), passes.shape)
+  return Proposal(optimal.astype(rates.dtype), passes)
+
+
+def next_rates(
+    rates: jax.Array,
+    proposal: Proposal,
+    *,
+    smoothing: Scalar,
+    max_growth: Union[Scalar, None],
+    min_learning_rate: Scalar,
+    max_learning_rate: Union[Scalar, None],
+) -> jax.Array:
+  """Moves accepted groups' rates towards ``eta*``; others keep theirs.
+
+  ``eta <- smoothing * eta + (1 - smoothing) * clip(eta*, eta / g, eta * g)``
+  with ``g = max_growth``, except that when ``eta > 2 eta*`` (the fitted
+  quadratic predicts that a step at the current rate *increases* the loss)
+  ``eta <- eta*`` at once. The result is clipped to
+  ``[min_learning_rate, max_learning_rate]``.
+  """
+  target = proposal.optimal_rates
+  if max_growth is not None:
+    target = jnp.clip(target, rates / max_growth, rates * max_growth)
+  smoothed = smoothing * rates + (1 - smoothing) * target
+  predicted_increase = rates > 2 * proposal.optimal_rates
+  new = jnp.where(predicted_increase, proposal.optimal_rates, smoothed)
+  new = jnp.maximum(new, min_learning_rate)
+  if max_learning_rate is not None:
+    new = jnp.minimum(new, max_learning_rate)
+  return jnp.where(proposal.accepted, new, rates).astype(rates.dtype)

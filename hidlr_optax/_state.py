@@ -1,0 +1,115 @@
+"""The Hi-DLR optimizer state and accessors that find it in any optimizer state."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from hidlr_optax._grouping import Label
+
+
+class GroupFit(NamedTuple):
+  """Diagnostics of one group's last refresh.
+
+  Attributes:
+    slope: ``b_k = G_k . d_k``, the first-order decrease per unit rate.
+    curvature: ``A_kk = d_k^T H_kk d_k``.
+    r_squared: ``R^2`` of the quadratic fit (1 for ``estimator="jvp"``).
+    accepted: whether the refresh changed this group's rate.
+  """
+
+  slope: jax.Array
+  curvature: jax.Array
+  r_squared: jax.Array
+  accepted: jax.Array
+
+
+class ScaleByHiDLRState(NamedTuple):
+  """State of :func:`hidlr_optax.scale_by_hidlr`; a plain pytree.
+
+  Attributes:
+    count: number of updates so far (int32).
+    learning_rates: ``{label: eta}``, the current rate of every group.
+    fits: ``{label: GroupFit}``, diagnostics of the last refresh.
+    num_refreshes: number of refreshes tried (int32).
+    num_accepted: ``{label: n}``, refreshes that changed each group's rate.
+  """
+
+  count: jax.Array
+  learning_rates: dict[Label, jax.Array]
+  fits: dict[Label, GroupFit]
+  num_refreshes: jax.Array
+  num_accepted: dict[Label, jax.Array]
+
+
+def _value(x: Any) -> Any:
+  """Unwraps framework containers (e.g. ``flax.nnx`` variables) to arrays."""
+  return x.value if hasattr(x, "value") and not isinstance(x, (jax.Array, np.ndarray)) else x
+
+
+def find_states(opt_state: Any) -> list[ScaleByHiDLRState]:
+  """Returns every Hi-DLR state nested anywhere in ``opt_state``.
+
+  Works through ``optax.chain``, ``optax.inject_hyperparams``,
+  ``optax.MultiSteps``, ``optax.partition`` and ``flax.nnx.Optimizer`` states.
+  """
+  is_state = lambda x: isinstance(x, ScaleByHiDLRState)
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)]
+
+
+def _single_state(opt_state: Any) -> ScaleByHiDLRState:
+  states = find_states(opt_state)
+  if not states:
+    raise ValueError("no Hi-DLR state (ScaleByHiDLRState) found in opt_state")
+  if len(states) > 1:
+    raise ValueError(
+        f"opt_state holds {len(states)} Hi-DLR states; pass the one you mean"
+        " (see hidlr_optax.find_states)"
+    )
+  return states[0]
+
+
+def learning_rates(opt_state: Any) -> dict[Label, jax.Array]:
+  """Returns ``{label: eta}`` from any optimizer state holding a Hi-DLR state.
+
+  Args:
+    opt_state: the state of an optimizer that contains exactly one
+      :func:`~hidlr_optax.scale_by_hidlr` (possibly nested in ``chain``,
+      ``inject_hyperparams``, ``MultiSteps`` or an ``nnx.Optimizer``).
+
+  Returns:
+    The current learning rate of every group.
+
+  Example:
+    >>> import jax.numpy as jnp, hidlr_optax, optax
+    >>> tx = hidlr_optax.hidlr(optax.scale_by_adam(), 1e-3)
+    >>> hidlr_optax.learning_rates(tx.init({'w': jnp.zeros(3)}))
+    {'all': Array(0.001, dtype=float32)}
+  """
+  state = _single_state(opt_state)
+  return {k: _value(v) for k, v in state.learning_rates.items()}
+
+
+def fit_diagnostics(opt_state: Any) -> dict[Label, GroupFit]:
+  """Returns ``{label: GroupFit}`` of the last refresh (see :class:`GroupFit`).
+
+  Args:
+    opt_state: as for :func:`learning_rates`.
+
+  Returns:
+    For every group, ``b``, ``A``, ``R^2`` and whether the refresh was
+    accepted, plus (in ``num_accepted`` of the state) counts over training.
+
+  Example:
+    >>> import jax.numpy as jnp, hidlr_optax, optax
+    >>> tx = hidlr_optax.gen(optax.scale_by_adam(), 1e-3)
+    >>> fits = hidlr_optax.fit_diagnostics(tx.init({'w': jnp.zeros(3)}))
+    >>> sorted(fits['all']._fields)
+    ['accepted', 'curvature', 'r_squared', 'slope']
+  """
+  state = _single_state(opt_state)
+  return {
+      k: GroupFit(*(_value(x) for x in fit)) for k, fit in state.fits.items()
+  }

@@ -1,0 +1,401 @@
+"""Hi-DLR as an optax gradient transformation.
+
+Reference: Xu, Bu, Zhang & Barnett, "A Hessian-informed hyperparameter
+optimization for differential learning rate" (Hi-DLR). ``K = 1`` is GeN
+(Bu & Xu, "Gradient descent with generalized Newton's method",
+arXiv:2407.02772), which the Hi-DLR paper calls Hi-ULR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hidlr_optax import _estimators, _fit, _rule
+from hidlr_optax._grouping import GroupLayout, Label, LabelsOrFn, build_layout, initial_rates
+from hidlr_optax._state import GroupFit, ScaleByHiDLRState
+
+Scalar = Union[float, jax.Array]
+LearningRate = Union[Scalar, Mapping[Label, Scalar]]
+
+#: Arguments of :func:`scale_by_hidlr` that ``optax.inject_hyperparams`` must
+#: treat as static (pass them as ``static_args``).
+STATIC_ARGS = ("param_labels", "update_every", "probe_batch_size")
+
+_FITS = ("diagonal", "full")
+_ESTIMATORS = ("probe", "jvp")
+_ACCEPTS = ("all", "group")
+
+
+def _concrete(x: Any) -> bool:
+  return isinstance(x, (int, float, np.number, np.ndarray)) or (
+      isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+  )
+
+
+def _check(x: Any, ok, what: str) -> None:
+  """Raises ``ValueError(what)`` if ``x`` is concrete and ``ok(x)`` fails."""
+  if x is not None and _concrete(x) and not ok(float(np.asarray(x))):
+    raise ValueError(f"scale_by_hidlr: {what}, got {x!r}")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ValueError(f"scale_by_hidlr: {name} must be one of {choices}, got {value!r}")
+
+
+def _resolve_batch_size(probe_batch_size: Union[int, str, None]) -> Union[int, None]:
+  """``"auto"``: chunks of one probe on CPU, one vmapped batch elsewhere."""
+  if probe_batch_size == "auto":
+    return 1 if jax.default_backend() == "cpu" else None
+  return probe_batch_size
+
+
+def _validate(
+    learning_rate, update_every, smoothing, min_r2, fit, estimator, accept,
+    max_growth, min_learning_rate, max_learning_rate, probe_batch_size,
+) -> None:
+  """Checks hyperparameters at construction (concrete values only)."""
+  _check_choice("fit", fit, _FITS)
+  _check_choice("estimator", estimator, _ESTIMATORS)
+  _check_choice("accept", accept, _ACCEPTS)
+  rates = learning_rate.values() if isinstance(learning_rate, Mapping) else [learning_rate]
+  for rate in rates:
+    _check(rate, lambda v: v > 0 and np.isfinite(v), "learning_rate must be > 0 and finite")
+  if _concrete(update_every) and (
+      int(np.asarray(update_every)) != np.asarray(update_every)
+      or int(np.asarray(update_every)) < 1
+  ):
+    raise ValueError(f"scale_by_hidlr: update_every must be an integer >= 1, got {update_every!r}")
+  _check(smoothing, lambda v: 0 <= v < 1, "smoothing must be in [0, 1)")
+  _check(min_r2, lambda v: v <= 1, "min_r2 must be <= 1")
+  _check(max_growth, lambda v: v >= 1, "max_growth must be >= 1 (or None)")
+  _check(min_learning_rate, lambda v: v >= 0, "min_learning_rate must be >= 0")
+  _check(max_learning_rate, lambda v: v > 0, "max_learning_rate must be > 0 (or None)")
+  if (
+      _concrete(min_learning_rate)
+      and _concrete(max_learning_rate)
+      and float(min_learning_rate) > float(max_learning_rate)
+  ):
+    raise ValueError(
+        "scale_by_hidlr: min_learning_rate must not exceed max_learning_rate,"
+        f" got {min_learning_rate!r} > {max_learning_rate!r}"
+    )
+  if probe_batch_size not in (None, "auto") and not (
+      isinstance(probe_batch_size, (int, np.integer))
+      and not isinstance(probe_batch_size, bool)
+      and probe_batch_size >= 1
+  ):
+    raise ValueError(
+        "scale_by_hidlr: probe_batch_size must be None, 'auto' or a Python int"
+        f" >= 1, got {probe_batch_size!r} (with optax.inject_hyperparams, list"
+        f" it in static_args: hidlr_optax.STATIC_ARGS = {STATIC_ARGS})"
+    )
+
+
+def _rate_dtype(params: Any) -> jnp.dtype:
+  """float32, or float64 when the parameters are float64."""
+  return jnp.promote_types(optax.tree.dtype(params, "highest"), jnp.float32)
+
+
+def _as_dict(layout: GroupLayout, values: jax.Array) -> dict:
+  return {label: values[k] for k, label in enumerate(layout.labels)}
+
+
+def _stack(layout: GroupLayout, mapping: Mapping) -> jax.Array:
+  return jnp.stack([jnp.asarray(mapping[label]) for label in layout.labels])
+
+
+def _empty_fits(layout: GroupLayout, dtype) -> dict[Label, GroupFit]:
+  nan = jnp.full((), jnp.nan, dtype)
+  return {
+      label: GroupFit(nan, nan, nan, jnp.zeros((), bool)) for label in layout.labels
+  }
+
+
+def scale_by_hidlr(
+    learning_rate: LearningRate = 1e-3,
+    param_labels: LabelsOrFn = None,
+    *,
+    update_every: int = 8,
+    smoothing: Scalar = 0.9,
+    min_r2: Scalar = 0.95,
+    probe_scales: Sequence[float] = (-2.0, -1.0, 1.0, 2.0),
+    fit: str = "diagonal",
+    estimator: str = "probe",
+    accept: str = "group",
+    max_growth: Union[Scalar, None] = None,
+    min_learning_rate: Scalar = 0.0,
+    max_learning_rate: Union[Scalar, None] = None,
+    probe_batch_size: Union[int, str, None] = "auto",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Scales the base direction by per-group learning rates set by Hi-DLR.
+
+  The parameters are split into groups ``k = 1..K`` by ``param_labels``. Given
+  the base optimizer's direction ``d`` as ``updates`` (e.g. the output of
+  ``optax.scale_by_adam()``), this returns ``-eta_k * d_k`` for each group.
+  Every ``update_every`` steps (step 0 included) the rates are refreshed from
+  a second-order model of the loss along each group's step:
+
+  .. math::
+
+    L(w - \sum_k \eta_k d_k) - L(w) \approx -\eta^\top b
+      + \tfrac12 \eta^\top A \eta, \quad
+    b_k = G_k^\top d_k, \quad A_{kl} = d_k^\top H_{kl} d_l,
+
+  whose minimiser is :math:`\eta^*_k = b_k / A_{kk}` (diagonal fit, paper eq.
+  3.2) or :math:`\eta^* = A^{-1} b` (full fit, eq. 2.4). With the default
+  ``estimator="probe"``, ``b_k`` and ``A_kk`` come from a closed-form
+  least-squares fit of ``L(w - v_i eta_k d_k) - L(w)`` at the probe scales
+  ``v_i``: ``4K`` loss values evaluated in one batched forward. A group's
+  refresh is accepted when ``b_k > 0``, ``A_kk > 0``, ``R^2 >= min_r2`` and
+  everything is finite; then
+
+  .. math::
+
+    \eta_k \leftarrow \gamma\,\eta_k + (1-\gamma)\,
+      \mathrm{clip}(\eta^*_k, \eta_k / g, \eta_k g),
+
+  with ``gamma = smoothing`` and ``g = max_growth``, except that if
+  :math:`\eta_k > 2\eta^*_k` (the fit predicts that the current rate increases
+  the loss) the rate drops to :math:`\eta^*_k` at once. Rates are then clipped
+  to ``[min_learning_rate, max_learning_rate]``. With ``K = 1`` this is GeN.
+
+  ``update`` needs the extra keyword argument ``value_fn``, a function
+  ``params -> scalar loss`` built inside the training step (as for optax's
+  line searches). It is called only on refresh steps, inside
+  ``jax.lax.cond``. For mini-batch training, make ``value_fn`` evaluate a
+  *different* batch from the one the gradient came from: same-batch probes
+  overestimate ``b`` and the rates overshoot.
+
+  Args:
+    learning_rate: initial rate of every group, or a mapping
+      ``label -> initial rate``.
+    param_labels: groups, in any form ``optax.multi_transform`` accepts: a
+      pytree of labels with the parameters' structure, a prefix of it, or a
+      callable ``params -> labels``; ``None`` for one group (labelled
+      ``"all"``). A label leaf may be :func:`hidlr_optax.per_slice` to split
+      one array into a group per slice.
+    update_every: refresh period ``Phi`` in steps.
+    smoothing: ``gamma``, the weight of the old rate in the moving average.
+    min_r2: smallest ``R^2`` of a group's fit for it to be accepted.
+    probe_scales: the ``v_i``; probes sit at ``w - v_i eta_k d_k``.
+    fit: ``"diagonal"`` (``eta*_k = b_k / A_kk``) or ``"full"`` (also probes
+      pairs of groups moved together to estimate ``A_kl``, and uses
+      ``A^{-1} b`` when ``A`` is positive definite and the solution positive;
+      ``K(K-1)/2`` extra probe sets, so for small ``K``).
+    estimator: ``"probe"`` (loss values and a least-squares fit) or
+      ``"jvp"`` (exact ``b`` and ``A`` by forward-over-forward
+      differentiation of ``value_fn``; ``R^2`` is reported as 1).
+    accept: ``"group"``: each group whose fit passes updates on its own;
+      ``"all"``: the paper's rule, every group passes or none updates.
+    max_growth: bound on the factor by which ``eta*`` may differ from the
+      current rate before smoothing; ``None`` for no bound.
+    min_learning_rate: lower bound of every rate.
+    max_learning_rate: upper bound of every rate, or ``None``.
+    probe_batch_size: ``None`` evaluates all probes in one ``jax.vmap``; an
+      int evaluates them ``jax.lax.map``-ed in chunks of that size to bound
+      memory; ``"auto"`` picks chunks of 1 on CPU and one batch on GPU/TPU.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes
+    ``(updates, state, params, *, value_fn, value=None, **extra_args)``,
+    where ``value`` is ``value_fn(params)`` if the caller already has it.
+
+  Raises:
+    ValueError: for a bad hyperparameter (at construction), labels that do
+      not match the parameters (at ``init``), or a missing ``params`` or
+      ``value_fn`` (at ``update``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, hidlr_optax
+    >>> params = {'x': jnp.array(50.0), 'y': jnp.array(1.0)}
+    >>> loss = lambda p: p['x'] ** 2 + 100 * p['y'] ** 2
+    >>> tx = optax.chain(optax.identity(), hidlr_optax.scale_by_hidlr(
+    ...     1e-3, {'x': 'x', 'y': 'y'}, smoothing=0.0))
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(loss)(params)
+    >>> updates, state = tx.update(grads, state, params, value_fn=loss)
+    >>> params = optax.apply_updates(params, updates)
+    >>> print(f"{float(loss(params)):.2e}")  # one Newton step
+    0.00e+00
+
+  References:
+    Xu, Bu, Zhang & Barnett, *A Hessian-informed hyperparameter optimization
+    for differential learning rate*, 2025.
+    Bu & Xu, *Gradient descent with generalized Newton's method*,
+    arXiv:2407.02772, 2024.
+  """
+  _validate(
+      learning_rate, update_every, smoothing, min_r2, fit, estimator, accept,
+      max_growth, min_learning_rate, max_learning_rate, probe_batch_size,
+  )
+  scales = _fit.check_probe_scales(probe_scales)
+  full = fit == "full"
+
+  def init_fn(params: optax.Params) -> ScaleByHiDLRState:
+    layout = build_layout(param_labels, params)
+    dtype = _rate_dtype(params)
+    rates = jnp.asarray(initial_rates(learning_rate, layout), dtype)
+    zero = jnp.zeros((), jnp.int32)
+    return ScaleByHiDLRState(
+        count=zero,
+        learning_rates=_as_dict(layout, rates),
+        fits=_empty_fits(layout, dtype),
+        num_refreshes=zero,
+        num_accepted={label: zero for label in layout.labels},
+    )
+
+  def estimate(value_fn, params, directions, layout, rates, value):
+    batch_size = _resolve_batch_size(probe_batch_size)
+    if estimator == "jvp":
+      return _estimators.jvp_estimate(
+          value_fn, params, directions, layout, rates, full=full, batch_size=batch_size
+      )
+    return _estimators.probe_estimate(
+        value_fn, params, directions, layout, rates, scales,
+        full=full, value=value, batch_size=batch_size,
+    )
+
+  def update_fn(
+      updates: optax.Updates,
+      state: ScaleByHiDLRState,
+      params: Union[optax.Params, None] = None,
+      *,
+      value_fn=None,
+      value: Union[jax.Array, None] = None,
+      **extra_args,
+  ) -> tuple[optax.Updates, ScaleByHiDLRState]:
+    del extra_args
+    if params is None:
+      raise ValueError(
+          "scale_by_hidlr: update needs `params` (the current parameters) to"
+          " probe the loss; call tx.update(updates, state, params, value_fn=...)"
+      )
+    if value_fn is None:
+      raise ValueError(
+          "scale_by_hidlr: update needs the keyword argument `value_fn`, a"
+          " function params -> scalar loss (build it inside your training"
+          " step, e.g. value_fn=lambda p: loss_fn(p, batch))"
+      )
+    layout = build_layout(param_labels, params)
+    if tuple(state.learning_rates) != layout.labels:
+      raise ValueError(
+          f"scale_by_hidlr: the state has groups {list(state.learning_rates)}"
+          f" but the labels of these params give {list(layout.labels)}"
+      )
+    rates = _stack(layout, state.learning_rates)
+    old_fits = _stack_fits(layout, state.fits)
+
+    def refresh(rates):
+      est = estimate(value_fn, params, updates, layout, rates, value)
+      proposal = _rule.propose(est, rates, min_r2=min_r2, accept=accept, full=full)
+      new_rates = _rule.next_rates(
+          rates, proposal,
+          smoothing=smoothing, max_growth=max_growth,
+          min_learning_rate=min_learning_rate, max_learning_rate=max_learning_rate,
+      )
+      fit_now = GroupFit(
+          slope=est.slope / rates,
+          curvature=jnp.diagonal(est.curvature) / rates**2,
+          r_squared=est.r_squared,
+          accepted=proposal.accepted,
+      )
+      fit_now = GroupFit(*(x.astype(y.dtype) for x, y in zip(fit_now, old_fits)))
+      return new_rates, fit_now
+
+    do_refresh = state.count % update_every == 0
+    new_rates, fits = jax.lax.cond(
+        do_refresh, refresh, lambda r: (r, old_fits), rates
+    )
+    counted = do_refresh.astype(jnp.int32)
+    accepted_now = (fits.accepted & do_refresh).astype(jnp.int32)
+    num_accepted = _stack(layout, state.num_accepted) + accepted_now
+
+    scaled = layout.scale(-new_rates, updates)
+    updates = jax.tree.map(lambda u, p: u.astype(p.dtype), scaled, params)
+    new_state = ScaleByHiDLRState(
+        count=optax.safe_increment(state.count),
+        learning_rates=_as_dict(layout, new_rates),
+        fits={
+            label: GroupFit(*(x[k] for x in fits))
+            for k, label in enumerate(layout.labels)
+        },
+        num_refreshes=state.num_refreshes + counted,
+        num_accepted=_as_dict(layout, num_accepted),
+    )
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _stack_fits(layout: GroupLayout, fits: Mapping[Label, GroupFit]) -> GroupFit:
+  """``{label: GroupFit of scalars}`` -> ``GroupFit`` of ``(K,)`` arrays."""
+  return GroupFit(*(
+      jnp.stack([jnp.asarray(fits[label][i]) for label in layout.labels])
+      for i in range(len(GroupFit._fields))
+  ))
+
+
+def hidlr(
+    base: optax.GradientTransformation,
+    learning_rate: LearningRate = 1e-3,
+    param_labels: LabelsOrFn = None,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  """Hi-DLR over a base optimizer: ``optax.chain(base, scale_by_hidlr(...))``.
+
+  Args:
+    base: a transformation giving the *direction* (not yet negated or scaled
+      by a learning rate), e.g. ``optax.scale_by_adam()``,
+      ``optax.identity()`` for SGD, or ``optax.chain(optax.scale_by_adam(),
+      optax.add_decayed_weights(1e-2))`` for AdamW.
+    learning_rate: initial rate of every group, or ``{label: rate}``.
+    param_labels: the groups (see :func:`scale_by_hidlr`).
+    **kwargs: further arguments of :func:`scale_by_hidlr`.
+
+  Returns:
+    The chained transformation; ``update`` needs ``value_fn=``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, hidlr_optax
+    >>> params = {'w': jnp.ones((3, 2)), 'b': jnp.zeros(2)}
+    >>> tx = hidlr_optax.hidlr(optax.scale_by_adam(), 1e-3, {'w': 'w', 'b': 'b'})
+    >>> sorted(hidlr_optax.learning_rates(tx.init(params)))
+    ['b', 'w']
+  """
+  return optax.chain(base, scale_by_hidlr(learning_rate, param_labels, **kwargs))
+
+
+def gen(
+    base: optax.GradientTransformation,
+    learning_rate: Scalar = 1e-3,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  """GeN (Hi-ULR): one learning rate for all parameters, set by Hi-DLR's fit.
+
+  Bu & Xu, *Gradient descent with generalized Newton's method*,
+  arXiv:2407.02772. Same as :func:`hidlr` with ``param_labels=None``.
+
+  Args:
+    base: the direction transformation, as in :func:`hidlr`.
+    learning_rate: initial learning rate.
+    **kwargs: further arguments of :func:`scale_by_hidlr`.
+
+  Returns:
+    The chained transformation; ``update`` needs ``value_fn=``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, hidlr_optax
+    >>> tx = hidlr_optax.gen(optax.scale_by_adam(), 1e-3)
+    >>> list(hidlr_optax.learning_rates(tx.init(jnp.zeros(4))))
+    ['all']
+  """
+  if "param_labels" in kwargs:
+    raise TypeError("gen() has one group; use hidlr() for param_labels")
+  return hidlr(base, learning_rate, None, **kwargs)
