@@ -14,6 +14,7 @@ from hidlr_optax._state import (
     learning_rates,
 )
 from hidlr_optax._transform import STATIC_ARGS, gen, hidlr, scale_by_hidlr
+from hidlr_optax import labels
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "fit_diagnostics",
     "gen",
     "hidlr",
+    "labels",
     "learning_rates",
     "per_slice",
     "scale_by_hidlr",

@@ -199,7 +199,7 @@ def build_layout(param_labels: LabelsOrFn, params: Any) -> GroupLayout:
   """
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   if not leaves_with_path:
-    raise ValueError("scale_by_hidlr: params has no leaves")
+    return _layout_without_leaves(param_labels, treedef)
   if param_labels is None:
     specs = tuple(LeafGroups(group=0) for _ in leaves_with_path)
     return GroupLayout((SINGLE_GROUP_LABEL,), specs, treedef)
@@ -236,6 +236,34 @@ def build_layout(param_labels: LabelsOrFn, params: Any) -> GroupLayout:
       idx = np.asarray([index[n] for n in label], dtype=np.int32)
       specs.append(LeafGroups(axis=axis, slice_groups=idx))
   return GroupLayout(group_labels, tuple(specs), treedef)
+
+
+def _layout_without_leaves(param_labels: LabelsOrFn, treedef: Any) -> GroupLayout:
+  """Layout for a tree with no array leaves, with groups read off the labels.
+
+  ``optax.tree.map_params`` initialises optimizers on such a placeholder tree
+  to find the parameter-shaped parts of a state; Hi-DLR's state has none, but
+  its group labels must still match the real state's.
+  """
+  if param_labels is None:
+    return GroupLayout((SINGLE_GROUP_LABEL,), (), treedef)
+  if callable(param_labels):
+    raise ValueError(
+        "scale_by_hidlr: params has no leaves, so callable param_labels cannot"
+        " be resolved; pass the labels as a pytree"
+    )
+  names: set = set()
+  for label in jax.tree.leaves(param_labels, is_leaf=lambda x: isinstance(x, SliceLabels)):
+    if isinstance(label, SliceLabels):
+      if isinstance(label.labels, str):
+        raise ValueError(
+            "scale_by_hidlr: params has no leaves, so per_slice with a prefix"
+            " cannot be resolved; give per_slice an explicit list of labels"
+        )
+      names.update(label.labels)
+    else:
+      names.add(label)
+  return GroupLayout(_sort_labels(names), (), treedef)
 
 
 def initial_rates(

@@ -46,7 +46,11 @@ class ScaleByHiDLRState(NamedTuple):
 
 def _value(x: Any) -> Any:
   """Unwraps framework containers (e.g. ``flax.nnx`` variables) to arrays."""
-  return x.value if hasattr(x, "value") and not isinstance(x, (jax.Array, np.ndarray)) else x
+  if isinstance(x, (jax.Array, np.ndarray)):
+    return x
+  if hasattr(x, "get_value"):  # flax.nnx.Variable (its `.value` is deprecated)
+    return x.get_value()
+  return x.value if hasattr(x, "value") else x
 
 
 def find_states(opt_state: Any) -> list[ScaleByHiDLRState]:

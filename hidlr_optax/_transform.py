@@ -129,7 +129,7 @@ def scale_by_hidlr(
     fit: str = "diagonal",
     estimator: str = "probe",
     accept: str = "group",
-    max_growth: Union[Scalar, None] = None,
+    max_growth: Union[Scalar, None] = 4.0,
     min_learning_rate: Scalar = 0.0,
     max_learning_rate: Union[Scalar, None] = None,
     probe_batch_size: Union[int, str, None] = "auto",

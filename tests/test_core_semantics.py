@@ -1,0 +1,378 @@
+"""Semantics of scale_by_hidlr: the fit, the update rule, labels, errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import hidlr_optax
+from hidlr_optax import _estimators, _fit
+
+
+def ellipse(p):
+  return p["x"] ** 2 + 100 * p["y"] ** 2
+
+
+def sgd_step(tx, params, state, loss, **kwargs):
+  grads = jax.grad(loss)(params)
+  updates, state = tx.update(grads, state, params, value_fn=loss, **kwargs)
+  return optax.apply_updates(params, updates), state, updates
+
+
+# --------------------------------------------------------------------------
+# Newton's method on the ellipse (paper Figure 2).
+
+
+@pytest.mark.parametrize("estimator", ["probe", "jvp"])
+def test_ellipse_one_refresh_is_newton_step(estimator):
+  with jax.enable_x64(True):
+    params = {"x": jnp.array(50.0), "y": jnp.array(1.0)}
+    tx = hidlr_optax.hidlr(
+        optax.identity(), 1e-3, {"x": "x", "y": "y"},
+        smoothing=0.0, max_growth=None, estimator=estimator,
+    )
+    state = tx.init(params)
+    step = jax.jit(functools.partial(sgd_step, tx, loss=ellipse))
+    params, state, _ = step(params, state)
+    rates = hidlr_optax.learning_rates(state)
+    assert rates["x"].dtype == jnp.float64
+    np.testing.assert_allclose(float(rates["x"]), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(float(rates["y"]), 1 / 200, rtol=1e-6)
+    np.testing.assert_allclose(float(params["x"]), 0.0, atol=1e-6)
+    np.testing.assert_allclose(float(params["y"]), 0.0, atol=1e-6)
+
+
+def test_float32_probes_lose_digits_where_jvp_does_not():
+  """ALGORITHM.md section 6: L_j - L0 cancels in float32; jvp is exact."""
+  params = {"x": jnp.array(50.0), "y": jnp.array(1.0)}
+  got = {}
+  for estimator in ("probe", "jvp"):
+    tx = hidlr_optax.hidlr(
+        optax.identity(), 1e-3, {"x": "x", "y": "y"},
+        smoothing=0.0, max_growth=None, estimator=estimator, min_r2=0.0,
+    )
+    _, state, _ = sgd_step(tx, params, tx.init(params), ellipse)
+    got[estimator] = float(hidlr_optax.learning_rates(state)["x"])
+  assert abs(got["jvp"] - 0.5) < 1e-5
+  assert abs(got["probe"] - 0.5) < 5e-3  # close, but not float32-exact
+
+
+# --------------------------------------------------------------------------
+# The closed-form fit.
+
+
+def test_fit_recovers_exact_quadratic_and_r2():
+  scales = _fit.check_probe_scales((-2.0, -1.0, 1.0, 2.0))
+  beta, curv = np.array([3.0, -1.0]), np.array([5.0, 2.0])
+  deltas = -beta[:, None] * scales + 0.5 * curv[:, None] * scales**2
+  fit = _fit.fit_quadratics(jnp.asarray(deltas), scales)
+  np.testing.assert_allclose(fit.slope, beta, rtol=1e-5)
+  np.testing.assert_allclose(fit.curvature, curv, rtol=1e-5)
+  np.testing.assert_allclose(fit.r_squared, 1.0, atol=1e-6)
+
+
+def test_fit_r2_matches_independent_least_squares():
+  rng = np.random.default_rng(0)
+  scales = _fit.check_probe_scales((-2.0, -1.0, 1.0, 2.0))
+  deltas = rng.normal(size=(3, 4))
+  fit = _fit.fit_quadratics(jnp.asarray(deltas), scales)
+  x = np.stack([-scales, 0.5 * scales**2], 1)
+  for row, slope, curv, r2 in zip(deltas, fit.slope, fit.curvature, fit.r_squared):
+    coef, *_ = np.linalg.lstsq(x, row, rcond=None)
+    resid = row - x @ coef
+    want_r2 = 1 - np.sum(resid**2) / np.sum((row - row.mean()) ** 2)
+    np.testing.assert_allclose([slope, curv, r2], [*coef, want_r2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "scales", [(1.0,), (0.0, 1.0, 2.0), (1.0, 1.0), (float("nan"), 1.0)]
+)
+def test_bad_probe_scales_rejected(scales):
+  with pytest.raises(ValueError, match="probe_scales"):
+    hidlr_optax.scale_by_hidlr(probe_scales=scales)
+
+
+# --------------------------------------------------------------------------
+# The update rule.
+
+
+def run_rule(rates, optimal, accepted, **kw):
+  defaults = dict(smoothing=0.9, max_growth=None, min_learning_rate=0.0, max_learning_rate=None)
+  defaults.update(kw)
+  from hidlr_optax import _rule
+  prop = _rule.Proposal(jnp.asarray(optimal), jnp.asarray(accepted))
+  return np.asarray(_rule.next_rates(jnp.asarray(rates), prop, **defaults))
+
+
+def test_rule_smoothing_clip_bounds_and_rejection():
+  # smoothing towards eta*, with and without the growth clip
+  np.testing.assert_allclose(run_rule([1.0], [1.5], [True]), [0.9 + 0.15])
+  np.testing.assert_allclose(run_rule([1.0], [10.0], [True], max_growth=2.0), [0.9 + 0.2])
+  # rejected groups keep their rate
+  np.testing.assert_allclose(run_rule([1.0, 1.0], [1.5, 3.0], [True, False]), [1.05, 1.0])
+  # user bounds
+  np.testing.assert_allclose(run_rule([1.0], [100.0], [True], max_learning_rate=2.0), [2.0])
+  np.testing.assert_allclose(run_rule([1.0], [0.6], [True], min_learning_rate=0.99), [0.99])
+
+
+def test_rule_predicted_increase_cuts_to_optimum_before_clip_and_smoothing():
+  # eta = 1 > 2 * eta* = 0.2: the fit predicts a loss increase -> eta* at once.
+  np.testing.assert_allclose(run_rule([1.0], [0.1], [True], max_growth=2.0), [0.1])
+  # eta = 1 < 2 * eta* = 1.2: ordinary smoothed, clipped move.
+  np.testing.assert_allclose(run_rule([1.0], [0.6], [True], max_growth=2.0), [0.96])
+
+
+def test_accept_all_versus_group():
+  # Group 'b' sees a concave direction (negative curvature): never passes.
+  def loss(p):
+    return jnp.sum(p["a"] ** 2) - 0.1 * jnp.sum(p["b"] ** 2) + jnp.sum(p["b"]) * 0.0
+
+  params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  labels = {"a": "a", "b": "b"}
+  for accept, want_a_changed in (("group", True), ("all", False)):
+    tx = hidlr_optax.hidlr(optax.identity(), 1e-2, labels, accept=accept, smoothing=0.0)
+    _, state, _ = sgd_step(tx, params, tx.init(params), loss)
+    fits = hidlr_optax.fit_diagnostics(state)
+    rates = hidlr_optax.learning_rates(state)
+    assert not bool(fits["b"].accepted)
+    assert bool(fits["a"].accepted) == want_a_changed
+    assert (abs(float(rates["a"]) - 1e-2) > 1e-6) == want_a_changed
+    assert float(rates["b"]) == pytest.approx(1e-2)
+
+
+# --------------------------------------------------------------------------
+# K = 1 is GeN; an independent numpy implementation of its rule.
+
+
+def logistic_problem():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(64, 5))
+  y = (x @ rng.normal(size=5) + 0.3 * rng.normal(size=64) > 0).astype(np.float64)
+  return x, y
+
+
+def test_single_group_matches_independent_gen_rule():
+  x, y = logistic_problem()
+  with jax.enable_x64(True):
+
+    def loss(w):
+      z = jnp.asarray(x) @ w
+      return jnp.mean(jnp.logaddexp(0.0, z) - jnp.asarray(y) * z)
+
+    tx = hidlr_optax.gen(
+        optax.identity(), 0.05, update_every=2, smoothing=0.9, max_growth=2.0, min_r2=0.99
+    )
+    w = jnp.zeros(5)
+    state = tx.init(w)
+    step = jax.jit(functools.partial(sgd_step, tx, loss=loss))
+    ours = []
+    for _ in range(12):
+      w, state, _ = step(w, state)
+      ours.append(float(hidlr_optax.learning_rates(state)["all"]))
+
+    # Reference: GeN in plain numpy.
+    def np_loss(w):
+      z = x @ w
+      return np.mean(np.logaddexp(0.0, z) - y * z)
+
+    def np_grad(w):
+      z = x @ w
+      return x.T @ (1 / (1 + np.exp(-z)) - y) / len(y)
+
+    v = np.array([-2.0, -1.0, 1.0, 2.0])
+    w_ref, lr, ref = np.zeros(5), 0.05, []
+    for t in range(12):
+      g = np_grad(w_ref)
+      if t % 2 == 0:
+        xi = lr * v
+        dl = np.array([np_loss(w_ref - s * g) for s in xi]) - np_loss(w_ref)
+        feats = np.stack([-xi, 0.5 * xi**2], 1)
+        (b, a), *_ = np.linalg.lstsq(feats, dl, rcond=None)
+        r2 = 1 - np.sum((dl - feats @ [b, a]) ** 2) / np.sum((dl - dl.mean()) ** 2)
+        if a > 0 and b > 0 and r2 >= 0.99:
+          star = b / a
+          assert lr <= 2 * star  # the safeguard never fires on this problem
+          lr = 0.9 * lr + 0.1 * np.clip(star, lr / 2, 2 * lr)
+      w_ref = w_ref - lr * g
+      ref.append(lr)
+    np.testing.assert_allclose(ours, ref, rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(w), w_ref, rtol=1e-8, atol=1e-12)
+    assert ref[-1] > 0.05 * 1.1  # the rate did move
+
+
+# --------------------------------------------------------------------------
+# Robustness.
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_non_finite_probe_losses_leave_rate_unchanged(bad):
+  params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  origin = params
+
+  def loss(p):
+    moved = jnp.any(p["a"] != origin["a"])
+    return jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 2) + jnp.where(moved, bad, 0.0)
+
+  tx = hidlr_optax.hidlr(optax.identity(), 1e-2, {"a": "a", "b": "b"}, smoothing=0.0)
+  new_params, state, updates = jax.jit(functools.partial(sgd_step, tx, loss=loss))(
+      params, tx.init(params)
+  )
+  rates = hidlr_optax.learning_rates(state)
+  assert float(rates["a"]) == pytest.approx(1e-2)  # rejected, unchanged
+  assert float(rates["b"]) != pytest.approx(1e-2)  # the healthy group moved
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  inner = hidlr_optax.find_states(state)[0]
+  assert int(inner.num_refreshes) == 1
+  assert int(inner.num_accepted["a"]) == 0 and int(inner.num_accepted["b"]) == 1
+
+
+def test_zero_direction_is_rejected_not_nan():
+  params = jnp.ones(3)
+  tx = hidlr_optax.gen(optax.identity(), 1e-2)
+  state = tx.init(params)
+  updates, state = tx.update(jnp.zeros(3), state, params, value_fn=lambda p: jnp.sum(p**2))
+  assert float(hidlr_optax.learning_rates(state)["all"]) == pytest.approx(1e-2)
+  assert bool(jnp.all(updates == 0))
+
+
+def test_rosenbrock_sgd_gen_rule_converges_with_safeguard():
+  """ALGORITHM.md section 6: GeN's rule alone diverges here."""
+  def rosen(p):
+    return (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
+
+  tx = hidlr_optax.gen(optax.identity(), 1e-3, update_every=1, smoothing=0.9, max_growth=2.0)
+
+  def body(carry, _):
+    p, s = carry
+    p, s, _ = sgd_step(tx, p, s, rosen)
+    return (p, s), rosen(p)
+
+  (p, _), losses = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), length=5000))(
+      jnp.zeros(2), tx.init(jnp.zeros(2))
+  )
+  assert bool(jnp.all(jnp.isfinite(losses)))
+  assert float(losses[-1]) < 1e-4
+
+
+def test_refresh_schedule_and_laziness():
+  calls = []
+  update_every = 4
+
+  def loss(p):
+    jax.debug.callback(lambda: calls.append(1))
+    return jnp.sum(p**2)
+
+  tx = hidlr_optax.gen(optax.identity(), 1e-2, update_every=update_every)
+
+  @jax.jit
+  def step(p, s):
+    updates, s = tx.update(2 * p, s, p, value_fn=loss)
+    return optax.apply_updates(p, updates), s
+
+  p, s = jnp.ones(3), tx.init(jnp.ones(3))
+  per_step = []
+  for _ in range(9):
+    before = len(calls)
+    p, s = step(p, s)
+    jax.effects_barrier()
+    per_step.append(len(calls) - before)
+  refresh_steps = [i for i, n in enumerate(per_step) if n]
+  assert refresh_steps == [0, 4, 8]
+  assert int(hidlr_optax.find_states(s)[0].num_refreshes) == 3
+
+
+def test_value_argument_saves_the_origin_forward():
+  calls = []
+
+  def loss(p):
+    jax.debug.callback(lambda: calls.append(1))
+    return jnp.sum(p**2)
+
+  p = jnp.ones(3)
+  counts = []
+  for value in (None, loss(p)):
+    jax.effects_barrier()
+    calls.clear()
+    tx = hidlr_optax.gen(optax.identity(), 1e-2, probe_batch_size=1)
+    tx.update(2 * p, tx.init(p), p, value_fn=loss, value=value)
+    jax.effects_barrier()
+    counts.append(len(calls))
+  assert counts == [5, 4]
+
+
+# --------------------------------------------------------------------------
+# Probe batching.
+
+
+@pytest.mark.parametrize("batch_size", [None, 1, 3, 100])
+def test_probe_batch_sizes_agree(batch_size):
+  params = {"a": jnp.arange(4.0), "b": jnp.ones((2, 2))}
+
+  def loss(p):
+    return jnp.sum(jnp.cosh(p["a"])) + jnp.sum(p["b"] ** 4) + jnp.sum(p["a"][:2]) * jnp.sum(p["b"])
+
+  labels = {"a": "a", "b": "b"}
+  out = []
+  for bs in (None, batch_size):
+    tx = hidlr_optax.hidlr(optax.identity(), 1e-2, labels, probe_batch_size=bs, fit="full")
+    _, state, _ = sgd_step(tx, params, tx.init(params), loss)
+    out.append(hidlr_optax.fit_diagnostics(state))
+  for label in ("a", "b"):
+    np.testing.assert_allclose(out[0][label].slope, out[1][label].slope, rtol=1e-5)
+    np.testing.assert_allclose(out[0][label].curvature, out[1][label].curvature, rtol=1e-4)
+
+
+def test_probe_coefficients_layout():
+  c = _estimators.probe_coefficients(2, np.array([-1.0, 1.0]), full=True, with_origin=True)
+  np.testing.assert_array_equal(
+      c, [[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1], [-1, -1], [1, 1]]
+  )
+
+
+# --------------------------------------------------------------------------
+# Errors at the boundary.
+
+
+def test_missing_value_fn_and_params():
+  tx = hidlr_optax.gen(optax.identity())
+  p = jnp.ones(2)
+  state = tx.init(p)
+  with pytest.raises(ValueError, match="value_fn"):
+    tx.update(p, state, p)
+  with pytest.raises(ValueError, match="params"):
+    tx.update(p, state, None, value_fn=jnp.sum)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(learning_rate=0.0), "learning_rate"),
+        (dict(learning_rate=-1.0), "learning_rate"),
+        (dict(learning_rate={"a": 1.0, "b": -1.0}), "learning_rate"),
+        (dict(update_every=0), "update_every"),
+        (dict(update_every=2.5), "update_every"),
+        (dict(smoothing=1.0), "smoothing"),
+        (dict(smoothing=-0.1), "smoothing"),
+        (dict(min_r2=1.5), "min_r2"),
+        (dict(max_growth=0.5), "max_growth"),
+        (dict(min_learning_rate=-1.0), "min_learning_rate"),
+        (dict(max_learning_rate=0.0), "max_learning_rate"),
+        (dict(min_learning_rate=1.0, max_learning_rate=0.5), "min_learning_rate"),
+        (dict(fit="exact"), "fit"),
+        (dict(estimator="hessian"), "estimator"),
+        (dict(accept="some"), "accept"),
+        (dict(probe_batch_size=0), "probe_batch_size"),
+        (dict(probe_batch_size="big"), "probe_batch_size"),
+    ],
+)
+def test_bad_hyperparameters_fail_at_construction(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    hidlr_optax.scale_by_hidlr(**kwargs)
+
+
+def test_gen_rejects_param_labels():
+  with pytest.raises(TypeError, match="param_labels"):
+    hidlr_optax.gen(optax.identity(), param_labels={"a": "a"})
