@@ -217,7 +217,7 @@ def scale_by_hidlr(
     >>> params = {'x': jnp.array(50.0), 'y': jnp.array(1.0)}
     >>> loss = lambda p: p['x'] ** 2 + 100 * p['y'] ** 2
     >>> tx = optax.chain(optax.identity(), hidlr_optax.scale_by_hidlr(
-    ...     1e-3, {'x': 'x', 'y': 'y'}, smoothing=0.0))
+    ...     1e-3, {'x': 'x', 'y': 'y'}, smoothing=0.0, max_growth=None))
     >>> state = tx.init(params)
     >>> grads = jax.grad(loss)(params)
     >>> updates, state = tx.update(grads, state, params, value_fn=loss)
