@@ -217,13 +217,16 @@ def scale_by_hidlr(
     >>> params = {'x': jnp.array(50.0), 'y': jnp.array(1.0)}
     >>> loss = lambda p: p['x'] ** 2 + 100 * p['y'] ** 2
     >>> tx = optax.chain(optax.identity(), hidlr_optax.scale_by_hidlr(
-    ...     1e-3, {'x': 'x', 'y': 'y'}, smoothing=0.0, max_growth=None))
+    ...     1e-3, {'x': 'x', 'y': 'y'}, smoothing=0.0, max_growth=None,
+    ...     estimator='jvp'))
     >>> state = tx.init(params)
     >>> grads = jax.grad(loss)(params)
     >>> updates, state = tx.update(grads, state, params, value_fn=loss)
     >>> params = optax.apply_updates(params, updates)
-    >>> print(f"{float(loss(params)):.2e}")  # one Newton step
-    0.00e+00
+    >>> {k: round(float(v), 6) for k, v in hidlr_optax.learning_rates(state).items()}
+    {'x': 0.5, 'y': 0.005}
+    >>> print(f"{float(loss(params)):.1e}")  # one Newton step to the minimum
+    0.0e+00
 
   References:
     Xu, Bu, Zhang & Barnett, *A Hessian-informed hyperparameter optimization
