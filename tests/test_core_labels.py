@@ -151,6 +151,12 @@ def test_accessors_reach_into_wrappers():
       base,
       optax.MultiSteps(base, every_k_schedule=2),
       optax.chain(optax.clip_by_global_norm(1.0), base),
+      optax.chain(
+          optax.scale_by_adam(),
+          optax.inject_hyperparams(
+              hidlr_optax.scale_by_hidlr, static_args=hidlr_optax.STATIC_ARGS
+          )({"body": 0.1, "head": 0.2}, labels),
+      ),
   ]
   for tx in wrapped:
     state = tx.init(PARAMS)
