@@ -6,12 +6,16 @@ decrease ``beta_k`` and the curvature ``M_kl`` in normalised step units (see
 :mod:`hidlr_optax._fit`).
 
 * ``"probe"`` (the paper's Algorithm 1): loss values at
-  ``w - v_i eta_k d_k`` for the probe scales ``v_i``, all evaluated in one
-  batched forward (``jax.vmap``) or in chunks (``jax.lax.map``), then a
-  least-squares fit per group.
+  ``w - v_i eta_k d_k`` for the probe scales ``v_i``, each group's evaluated
+  in one batched forward (``jax.vmap``) or in chunks (``jax.lax.map``), then
+  a least-squares fit per group.
 * ``"jvp"``: the exact first and second directional derivatives by
   forward-over-forward differentiation (``jax.jvp`` of ``jax.jvp``); no
   finite-difference cancellation, but the loss must be twice differentiable.
+
+Both move only the leaves of the group(s) being probed; the other leaves
+enter the loss unchanged, so computations that depend on them alone are
+neither batched over probes nor differentiated.
 """
 
 from __future__ import annotations
@@ -51,11 +55,6 @@ def batched_map(fn: Callable, xs: jax.Array, batch_size: Union[int, None]):
   return jax.lax.map(fn, xs, batch_size=batch_size)
 
 
-def _move(params: Any, step: Any) -> Any:
-  """Returns ``params - step`` in the parameters' own dtypes."""
-  return jax.tree.map(lambda p, s: (p - s).astype(p.dtype), params, step)
-
-
 def fit_dtype(loss: jax.Array) -> jnp.dtype:
   """Fits run in float32 at least, in float64 when the loss is float64."""
   return jnp.promote_types(jnp.asarray(loss).dtype, jnp.float32)
@@ -92,27 +91,31 @@ def probe_estimate(
     value: Union[jax.Array, None],
     batch_size: Union[int, None],
 ) -> Estimate:
-  """Estimates the model from loss values at probe points (Algorithm 1)."""
+  """Estimates the model from loss values at probe points (Algorithm 1).
+
+  The probes come in sets, one per group (and one per pair of groups for the
+  full fit). A set's probes move only the leaves of its groups and are mapped
+  over the scales alone, so whatever the loss computes from the other leaves
+  only (e.g. the layers below a head group) is not batched and is computed
+  once per set rather than once per probe.
+  """
   k = layout.num_groups
-  n = scales.size
-  with_origin = value is None
-  coeffs = jnp.asarray(probe_coefficients(k, scales, full, with_origin), rates.dtype)
+  sets = probe_coefficients(k, np.ones(1), full, with_origin=False) != 0  # (S, K)
+  v = jnp.asarray(scales, rates.dtype)
 
-  def probe_loss(c):
-    return value_fn(_move(params, layout.scale(c * rates, directions)))
+  def set_losses(groups: np.ndarray) -> jax.Array:
+    coeffs = jnp.where(groups, rates, 0)
+    probe = lambda s: value_fn(layout.move(params, s * coeffs, directions, groups))
+    return batched_map(probe, v, batch_size)
 
-  losses = batched_map(probe_loss, coeffs, batch_size)
+  losses = jnp.stack([set_losses(groups) for groups in sets])  # (S, n)
+  origin = value_fn(params) if value is None else value
   dtype = fit_dtype(losses)
-  losses = losses.astype(dtype)
-  if with_origin:
-    origin, losses = losses[0], losses[1:]
-  else:
-    origin = jnp.asarray(value, dtype)
-  deltas = losses - origin
-  diag = _fit.fit_quadratics(deltas[: k * n].reshape(k, n), scales)
+  deltas = losses.astype(dtype) - jnp.asarray(origin, dtype)
+  diag = _fit.fit_quadratics(deltas[:k], scales)
   curvature = jnp.diag(diag.curvature)
   if full and k > 1:
-    joint = _fit.fit_quadratics(deltas[k * n :].reshape(-1, n), scales)
+    joint = _fit.fit_quadratics(deltas[k:], scales)
     curvature = _fit.curvature_matrix(
         diag.curvature, joint.curvature, _fit.pair_indices(k)
     )
@@ -127,27 +130,29 @@ def jvp_estimate(
     rates: jax.Array,
     *,
     full: bool,
-    batch_size: Union[int, None],
 ) -> Estimate:
-  """Estimates the model exactly by forward-over-forward differentiation."""
+  """Estimates the model exactly by forward-over-forward differentiation.
+
+  For groups ``(k, l)`` (``k = l`` on the diagonal), ``h(s, t) = L(w - s
+  eta_k d_k - t eta_l d_l)`` is differentiated in the two scalars: ``dh/ds =
+  -beta_k`` and ``d2h/ds dt = M_kl`` at 0. Only the leaves of ``k`` and ``l``
+  depend on ``(s, t)``, so the other leaves carry no tangents.
+  """
   k = layout.num_groups
-  unit = jnp.eye(k, dtype=rates.dtype) * rates[None, :]  # row k: eta_k e_k
-
-  def tangent(c):
-    return jax.tree.map(jnp.negative, layout.scale(c, directions))
-
-  def derivatives(c_pair):
-    """First derivative along u and second along (u, u') at the params."""
-    u, u2 = tangent(c_pair[0]), tangent(c_pair[1])
-    first_along_u = lambda w: jax.jvp(value_fn, (w,), (u,))[1]
-    first, second = jax.jvp(first_along_u, (params,), (u2,))
-    return first, second
-
+  eye = np.eye(k, dtype=bool)
   pairs = np.stack([np.arange(k), np.arange(k)], axis=1)
   if full and k > 1:
     pairs = np.concatenate([pairs, _fit.pair_indices(k)], axis=0)
-  c_pairs = unit[jnp.asarray(pairs)]  # (P, 2, K)
-  first, second = batched_map(derivatives, c_pairs, batch_size)
+  zero, one = jnp.zeros((), rates.dtype), jnp.ones((), rates.dtype)
+
+  def derivatives(i: int, j: int) -> tuple[jax.Array, jax.Array]:
+    """``dh/ds`` and ``d2h/ds dt`` at the parameters."""
+    c_i, c_j = jnp.where(eye[i], rates, 0), jnp.where(eye[j], rates, 0)
+    h = lambda s, t: value_fn(layout.move(params, s * c_i + t * c_j, directions, eye[i] | eye[j]))
+    along_s = lambda t: jax.jvp(lambda s: h(s, t), (zero,), (one,))[1]
+    return jax.jvp(along_s, (zero,), (one,))
+
+  first, second = (jnp.stack(x) for x in zip(*(derivatives(i, j) for i, j in pairs)))
   dtype = fit_dtype(first)
   slope = -first[:k].astype(dtype)
   second = second.astype(dtype)

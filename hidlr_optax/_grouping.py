@@ -134,6 +134,37 @@ class GroupLayout:
     scaled = [_scale_leaf(coeffs, spec, x) for spec, x in zip(self.leaves, leaves)]
     return self.treedef.unflatten(scaled)
 
+  def move(self, params: Any, coeffs: jax.Array, directions: Any, groups: np.ndarray) -> Any:
+    """Returns ``params - coeffs_k * d_k`` over the groups where ``groups`` is set.
+
+    Leaves that hold no entry of those groups are returned as they are (not
+    recomputed), so under ``jax.vmap`` over ``coeffs`` they stay unbatched and
+    the computations that depend on them alone are done once.
+
+    Args:
+      params: the parameters.
+      coeffs: array of shape ``(num_groups,)``; zero outside ``groups``.
+      directions: a pytree with the parameters' structure.
+      groups: static boolean mask of shape ``(num_groups,)``.
+
+    Returns:
+      The moved parameters, in each leaf's own dtype.
+    """
+    p_leaves = self.treedef.flatten_up_to(params)
+    d_leaves = self.treedef.flatten_up_to(directions)
+    moved = [
+        (p - _scale_leaf(coeffs, spec, d)).astype(p.dtype) if _touches(spec, groups) else p
+        for spec, p, d in zip(self.leaves, p_leaves, d_leaves)
+    ]
+    return self.treedef.unflatten(moved)
+
+
+def _touches(spec: LeafGroups, groups: np.ndarray) -> bool:
+  """Whether a leaf holds entries of any group set in the mask ``groups``."""
+  if spec.slice_groups is None:
+    return bool(groups[spec.group])
+  return bool(np.any(groups[spec.slice_groups]))
+
 
 def _scale_leaf(coeffs: jax.Array, spec: LeafGroups, x: jax.Array) -> jax.Array:
   x = jnp.asarray(x)

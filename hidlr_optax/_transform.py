@@ -152,7 +152,7 @@ def scale_by_hidlr(
   3.2) or :math:`\eta^* = A^{-1} b` (full fit, eq. 2.4). With the default
   ``estimator="probe"``, ``b_k`` and ``A_kk`` come from a closed-form
   least-squares fit of ``L(w - v_i eta_k d_k) - L(w)`` at the probe scales
-  ``v_i``: ``4K`` loss values evaluated in one batched forward. A group's
+  ``v_i``: ``4K`` loss values evaluated in batched forwards. A group's
   refresh is accepted when ``b_k > 0``, ``A_kk > 0``, ``R^2 >= min_r2`` and
   everything is finite; then
 
@@ -198,7 +198,9 @@ def scale_by_hidlr(
       current rate before smoothing; ``None`` for no bound.
     min_learning_rate: lower bound of every rate.
     max_learning_rate: upper bound of every rate, or ``None``.
-    probe_batch_size: ``None`` evaluates all probes in one ``jax.vmap``; an
+    probe_batch_size: for ``estimator="probe"``: ``None`` evaluates each
+      group's probes in one ``jax.vmap`` (a probe moves only its group's
+      leaves, so what depends on the other leaves alone is computed once); an
       int evaluates them ``jax.lax.map``-ed in chunks of that size to bound
       memory; ``"auto"`` picks chunks of 1 on CPU and one batch on GPU/TPU.
 
@@ -255,14 +257,11 @@ def scale_by_hidlr(
     )
 
   def estimate(value_fn, params, directions, layout, rates, value):
-    batch_size = _resolve_batch_size(probe_batch_size)
     if estimator == "jvp":
-      return _estimators.jvp_estimate(
-          value_fn, params, directions, layout, rates, full=full, batch_size=batch_size
-      )
+      return _estimators.jvp_estimate(value_fn, params, directions, layout, rates, full=full)
     return _estimators.probe_estimate(
         value_fn, params, directions, layout, rates, scales,
-        full=full, value=value, batch_size=batch_size,
+        full=full, value=value, batch_size=_resolve_batch_size(probe_batch_size),
     )
 
   def update_fn(

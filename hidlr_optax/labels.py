@@ -282,7 +282,8 @@ def by_submodule(depth: int = 1) -> LabelFn:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> by_submodule()({'feature_0': {'kernel': jnp.ones(2), 'bias': jnp.ones(2)}, 'bias': jnp.ones(())})
+    >>> params = {'feature_0': {'kernel': jnp.ones(2), 'bias': jnp.ones(2)}, 'bias': jnp.ones(())}
+    >>> by_submodule()(params)
     {'bias': 'bias', 'feature_0': {'bias': 'feature_0', 'kernel': 'feature_0'}}
   """
   if not isinstance(depth, int) or depth < 1:
@@ -317,8 +318,9 @@ def by_depth(
   Example:
     >>> import jax.numpy as jnp
     >>> p = {f'layers_{i}': {'kernel': jnp.ones(2)} for i in (0, 1, 10)}
-    >>> by_depth()(p)
-    {'layers_0': {'kernel': 'layer_00'}, 'layers_1': {'kernel': 'layer_01'}, 'layers_10': {'kernel': 'layer_10'}}
+    >>> labels = by_depth()(p)
+    >>> labels['layers_1']['kernel'], labels['layers_10']['kernel']
+    ('layer_01', 'layer_10')
   """
   if not isinstance(layers_per_group, int) or layers_per_group < 1:
     raise ValueError(

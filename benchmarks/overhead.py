@@ -1,0 +1,501 @@
+r"""Speed, compile time and memory of Hi-DLR against its base optimizer.
+
+Every time here is a ratio measured in one process, with the variants'
+repetitions interleaved (round-robin, rotating the order) and medians taken,
+because the machines are shared and noisy. A *speed ratio* is
+``median_r(t_base[r] / t_variant[r])`` over the paired repetitions ``r``
+(1.0 = as fast as the base step; the paper's "relative speed").
+
+The train step is ``jax.value_and_grad`` + ``tx.update`` + ``apply_updates``,
+jitted whole. The base optimizer is ``optax.adam``; Hi-DLR is
+``hidlr_optax.hidlr(optax.scale_by_adam(), ...)`` with ``value_fn`` on a
+*different* batch (the recommended use, ALGORITHM.md section 6), so a refresh
+evaluates ``4K`` probes plus the origin ``L0``. Refresh and non-refresh steps
+are selected through the state's ``count``.
+
+Cost model (paper, Appendix C): base ``F + B + C``; Hi-DLR
+``(1 + 4K/Phi) F + B + C``, so with ``B ~ 2F`` the relative speed is at least
+``1 / (1 + 4K/(3 Phi))`` and with PEFT's ``B ~ F`` at least
+``1 / (1 + 2K/Phi)``; the paper measured 0.81 at ``K = 2, Phi = 8``
+(ViT-base, Table 4: 8.5 / 10.5 minutes per epoch).
+
+Usage::
+
+  nice -n 10 python -m benchmarks.overhead            # full CPU run (~15 min)
+  python -m benchmarks.overhead --quick --out /tmp/o.md  # tiny sizes, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import hidlr_optax
+from benchmarks import _models
+
+PAPER_MEASURED = {(2, 8): 0.81}  # paper Table 4 (ViT-base, A100): 8.5 / 10.5
+HEADLINE_K, HEADLINE_PHI = 2, 8
+BATCHINGS = {"vmap": None, "chunk1": 1, "chunk2": 2, "chunk4": 4}
+
+
+# --------------------------------------------------------------------------
+# Steps.
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One optimizer configuration; ``k=None`` is the base optimizer."""
+
+  k: Union[int, None] = None
+  estimator: str = "probe"
+  batching: Union[str, None] = "auto"
+  update_every: int = HEADLINE_PHI
+  grouping: str = "layers"
+
+  @property
+  def is_base(self) -> bool:
+    return self.k is None
+
+  @property
+  def probe_batch_size(self):
+    return "auto" if self.batching == "auto" else BATCHINGS[self.batching]
+
+  def label(self) -> str:
+    if self.is_base:
+      return "adam"
+    return f"K={self.k} {self.estimator} {self.batching}"
+
+
+BASE = Variant()
+
+
+def optimizer(model: _models.Model, v: Variant) -> optax.GradientTransformation:
+  """The base Adam, or Hi-DLR over Adam's direction, at learning rate 1e-3."""
+  if v.is_base:
+    return optax.adam(1e-3)
+  return hidlr_optax.hidlr(
+      optax.scale_by_adam(), 1e-3, _models.group_labels(model, v.k, v.grouping),
+      update_every=v.update_every, estimator=v.estimator,
+      probe_batch_size=v.probe_batch_size,
+  )
+
+
+def train_step(model: _models.Model, tx, is_base: bool) -> Callable:
+  """A fresh (un-jitted) train step ``(params, state, frozen, batch, probe_batch)``."""
+
+  def step(params, opt_state, frozen, batch, probe_batch):
+    loss, grads = jax.value_and_grad(model.loss)(params, frozen, batch)
+    extra = {} if is_base else {
+        "value_fn": lambda p: model.loss(p, frozen, probe_batch)
+    }
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def with_count(opt_state: Any, count: int) -> Any:
+  """Sets the Hi-DLR step counter (``count % Phi == 0`` refreshes)."""
+  is_state = lambda x: isinstance(x, hidlr_optax.ScaleByHiDLRState)
+  return jax.tree.map(
+      lambda s: s._replace(count=jnp.asarray(count, jnp.int32)) if is_state(s) else s,
+      opt_state, is_leaf=is_state,
+  )
+
+
+@dataclasses.dataclass
+class Bench:
+  """A model with its batches, ready to build and time steps."""
+
+  model: _models.Model
+  batch: Any
+  probe_batch: Any
+  cache: dict = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def create(cls, model: _models.Model) -> "Bench":
+    k1, k2 = jax.random.split(jax.random.key(42))
+    return cls(model, model.make_batch(k1), model.make_batch(k2))
+
+  def args(self, opt_state):
+    return (self.model.params, opt_state, self.model.frozen, self.batch, self.probe_batch)
+
+  def compile(self, v: Variant, donate: bool = False):
+    """``(compiled step, tx)``, traced and compiled afresh; ``donate``
+    donates params and state."""
+    tx = optimizer(self.model, v)
+    fn = jax.jit(train_step(self.model, tx, v.is_base), donate_argnums=(0, 1) if donate else ())
+    return fn.lower(*self.args(tx.init(self.model.params))).compile(), tx
+
+  def compiled(self, v: Variant):
+    """Like :meth:`compile` (no donation), cached per variant."""
+    if v not in self.cache:
+      self.cache[v] = self.compile(v)
+    return self.cache[v]
+
+  def step_call(self, v: Variant, count: int = 0) -> Callable[[], Any]:
+    """A thunk running one step from fixed inputs (state counter ``count``)."""
+    step, tx = self.compiled(v)
+    args = self.args(with_count(tx.init(self.model.params), count))
+    return lambda: step(*args)
+
+  def block_call(self, v: Variant, steps: int) -> Callable[[], Any]:
+    """A thunk running ``steps`` consecutive steps from a refresh step."""
+    step, tx = self.compiled(v)
+    state0 = tx.init(self.model.params)
+    m = self.model
+
+    def run():
+      params, state = m.params, state0
+      for _ in range(steps):
+        params, state, loss = step(params, state, m.frozen, self.batch, self.probe_batch)
+      return params, state, loss
+
+    return run
+
+  def forward_call(self) -> Callable[[], Any]:
+    f = jax.jit(self.model.loss)
+    return lambda: f(self.model.params, self.model.frozen, self.probe_batch)
+
+
+# --------------------------------------------------------------------------
+# Timing.
+
+
+CLOCK = {"wall": time.perf_counter, "process": time.process_time}
+clock = CLOCK["wall"]
+
+
+def interleaved(thunks: dict[str, Callable[[], Any]], reps: int) -> dict[str, np.ndarray]:
+  """Times every thunk ``reps`` times, round-robin with a rotating order.
+
+  ``clock`` is wall time, or with ``--clock process`` this process's CPU time
+  (all threads), which other processes' load on a shared CPU disturbs less.
+  """
+  for thunk in thunks.values():
+    for _ in range(2):
+      jax.block_until_ready(thunk())
+  names = list(thunks)
+  times = {n: [] for n in names}
+  for r in range(reps):
+    shift = r % len(names)
+    for n in names[shift:] + names[:shift]:
+      t0 = clock()
+      jax.block_until_ready(thunks[n]())
+      times[n].append(clock() - t0)
+  return {n: np.asarray(t) for n, t in times.items()}
+
+
+def speed(times: dict[str, np.ndarray], name: str, base: str = "base") -> float:
+  """Median over paired repetitions of ``t_base / t_name``."""
+  return float(np.median(times[base] / times[name]))
+
+
+def ms(t: np.ndarray) -> float:
+  return float(np.median(t) * 1e3)
+
+
+def bound_full(k: int, phi: int) -> float:
+  """Paper's lower bound on the relative speed, full training (B ~ 2F)."""
+  return 1 / (1 + 4 * k / (3 * phi))
+
+
+def bound_peft(k: int, phi: int) -> float:
+  """Paper's lower bound on the relative speed, PEFT (B ~ F)."""
+  return 1 / (1 + 2 * k / phi)
+
+
+def amortised(non_refresh: float, refresh: float, phi: int) -> float:
+  """Speed ratio over ``Phi`` steps from per-step speed ratios."""
+  return phi / ((phi - 1) / non_refresh + 1 / refresh)
+
+
+# --------------------------------------------------------------------------
+# Tables.
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else str(x)
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def headline(bench: Bench, reps: int, phi: int = HEADLINE_PHI) -> tuple[str, dict]:
+  """K = 2, Phi = 8, defaults: base, non-refresh, refresh, amortised, forward."""
+  v = Variant(k=HEADLINE_K, update_every=phi)
+  inter = dataclasses.replace(v, grouping="interleaved")
+  thunks = {
+      "base": bench.step_call(BASE),
+      "non-refresh": bench.step_call(v, count=1),
+      "refresh": bench.step_call(v, count=0),
+      "base x Phi": bench.block_call(BASE, phi),
+      "Hi-DLR x Phi": bench.block_call(v, phi),
+      "refresh (interleaved groups)": bench.step_call(inter, count=0),
+      "forward (probe batch)": bench.forward_call(),
+  }
+  t = interleaved(thunks, reps)
+  non, ref = speed(t, "non-refresh"), speed(t, "refresh")
+  direct = speed(t, "Hi-DLR x Phi", "base x Phi")
+  fwd = ms(t["forward (probe batch)"])
+  base = ms(t["base"])
+  n_fwd = 4 * HEADLINE_K + 1
+  rows = [
+      ["base step (adam)", ms(t["base"]), 1.0, ""],
+      ["Hi-DLR, step that does not refresh", ms(t["non-refresh"]), non, ">= 0.97"],
+      ["Hi-DLR, refresh step", ms(t["refresh"]), ref, ""],
+      ["Hi-DLR, refresh step, interleaved groups", ms(t["refresh (interleaved groups)"]),
+       speed(t, "refresh (interleaved groups)"), ""],
+      [f"Hi-DLR, amortised over Phi={phi} steps (measured block)",
+       ms(t["Hi-DLR x Phi"]) / phi, direct, ">= 0.85"],
+      ["Hi-DLR, amortised (from the two step ratios)", "", amortised(non, ref, phi), ""],
+      ["one forward on the probe batch (F)", fwd, "", ""],
+      [f"cost model with measured F: base / (base + {n_fwd} F / Phi)", "",
+       base / (base + n_fwd * fwd / phi), ""],
+      ["paper's bound, full training: 1 / (1 + 4K/(3 Phi))", "", bound_full(HEADLINE_K, phi), ""],
+      ["paper's bound, PEFT: 1 / (1 + 2K/Phi)", "", bound_peft(HEADLINE_K, phi), ""],
+      ["paper's measurement (ViT-base, A100)", "", PAPER_MEASURED[(HEADLINE_K, phi)], ""],
+  ]
+  text = table(["what", "median ms", "speed ratio", "target"], rows)
+  return text, {"non_refresh": non, "amortised": direct, "refresh": ref,
+                "forward_ms": fwd, "base_ms": base}
+
+
+def grid(bench: Bench, ks: Sequence[int], estimators: Sequence[str],
+         batchings: Sequence[str], phis: Sequence[int], reps: int) -> str:
+  """Step ratios for every (K, estimator, batching), amortised for every Phi."""
+  variants = [Variant(k=k, estimator=e, batching=b)
+              for k in ks for e in estimators for b in batchings]
+  thunks = {"base": bench.step_call(BASE)}
+  for v in variants:
+    thunks[v.label() + " non"] = bench.step_call(v, count=1)
+    thunks[v.label() + " ref"] = bench.step_call(v, count=0)
+  t = interleaved(thunks, reps)
+  peft = bench.model.name == "lora"
+  rows = []
+  for v in variants:
+    non, ref = speed(t, v.label() + " non"), speed(t, v.label() + " ref")
+    bound = bound_peft if peft else bound_full
+    cells = [f"{amortised(non, ref, p):.2f} ({bound(v.k, p):.2f})" for p in phis]
+    rows.append([v.k, v.estimator, v.batching, non, ref, *cells])
+  header = ["K", "estimator", "probes", "non-refresh", "refresh"] + [f"Phi={p}" for p in phis]
+  return (f"base step: {ms(t['base']):.1f} ms (median). Amortised speed ratio for each"
+          f" Phi, with the paper's {'PEFT' if peft else 'full-training'} bound in"
+          f" brackets.\n\n" + table(header, rows))
+
+
+def batching_table(bench: Bench, reps: int, batchings: Sequence[str]) -> str:
+  """Refresh-step cost for each probe batching (justifies ``'auto'``)."""
+  thunks = {"base": bench.step_call(BASE)}
+  for b in batchings:
+    thunks[b] = bench.step_call(Variant(k=HEADLINE_K, batching=b), count=0)
+  t = interleaved(thunks, reps)
+  rows = [[b, ms(t[b]), speed(t, b)] for b in batchings]
+  return table(["probe_batch_size", "refresh step ms", "speed ratio vs base"], rows)
+
+
+def compile_table(bench: Bench, reps: int) -> tuple[str, float]:
+  """Trace + lower + compile wall time, fresh functions, interleaved."""
+  variants = {"base (adam)": BASE, "Hi-DLR vmap": Variant(k=HEADLINE_K, batching="vmap"),
+              "Hi-DLR chunk1": Variant(k=HEADLINE_K, batching="chunk1")}
+  times = {n: [] for n in variants}
+  for r in range(reps):
+    for n, v in variants.items():
+      t0 = time.perf_counter()
+      bench.compile(v)
+      times[n].append(time.perf_counter() - t0)
+  base = np.median(times["base (adam)"])
+  rows = [[n, float(np.median(t)), float(np.median(t) / base)] for n, t in times.items()]
+  worst = max(r[2] for r in rows)
+  return table(["step", "compile s (median)", "ratio to base (target <= 2)"], rows), worst
+
+
+def memory_table(bench: Bench, device_peaks: bool) -> tuple[str, float]:
+  """XLA's buffer assignment of the donated step (deterministic)."""
+  variants = {"base (adam)": BASE,
+              "Hi-DLR vmap": Variant(k=HEADLINE_K, batching="vmap"),
+              "Hi-DLR chunk1 (probe_batch_size=1)": Variant(k=HEADLINE_K, batching="chunk1"),
+              "Hi-DLR chunk1, interleaved groups": Variant(
+                  k=HEADLINE_K, batching="chunk1", grouping="interleaved")}
+  rows, base_peak, chunk1 = [], None, None
+  for n, v in variants.items():
+    step, _ = bench.compile(v, donate=True)
+    m = step.memory_analysis()
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    base_peak = base_peak or peak
+    if v == Variant(k=HEADLINE_K, batching="chunk1"):
+      chunk1 = peak / base_peak
+    row = [n, m.argument_size_in_bytes / 2**20, m.temp_size_in_bytes / 2**20,
+           peak / 2**20, peak / base_peak]
+    if device_peaks:
+      row.append(_device_peak(bench.model.name, v) / 2**20)
+    rows.append(row)
+  header = ["step", "arguments MiB", "temporaries MiB", "peak MiB", "peak / base"]
+  if device_peaks:
+    header.append("device peak_bytes_in_use MiB (own process)")
+  return table(header, rows) + "\n\n" + _memory_floor(bench, base_peak), chunk1
+
+
+def _memory_floor(bench: Bench, base_peak: float) -> str:
+  """What any probe must hold beyond the base step's arguments, K = 2."""
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  labels = _models.group_labels(bench.model, HEADLINE_K)
+  sizes = {}
+  for unit, label in labels.items():
+    sizes[label] = sizes.get(label, 0) + nbytes(bench.model.params[unit])
+  params, batch = nbytes(bench.model.params), nbytes(bench.probe_batch)
+  base_args = nbytes((bench.model.params, optax.adam(1e-3).init(bench.model.params),
+                      bench.model.frozen, bench.batch))
+  floor = base_args + batch + params + max(sizes.values())
+  return (f"Floor for a probe (layers grouping): the base step's arguments"
+          f" ({base_args / 2**20:.1f} MiB) + the probe batch ({batch / 2**20:.1f} MiB)"
+          f" + the direction d, live until the update ({params / 2**20:.1f} MiB) +"
+          f" one moved copy of the largest group's leaves"
+          f" ({max(sizes.values()) / 2**20:.1f} MiB) = {floor / 2**20:.1f} MiB ="
+          f" {floor / base_peak:.3f} x the base peak, before any activation.")
+
+
+def _device_peak(model_name: str, v: Variant) -> float:
+  """Peak device memory of one step, measured in a fresh process."""
+  code = (
+      "import json, jax; from benchmarks import overhead as o;"
+      f"v = o.Variant(**json.loads({json.dumps(json.dumps(dataclasses.asdict(v)))}));"
+      f"b = o.Bench.create(o._models.build({model_name!r}, False));"
+      "f = b.step_call(v); jax.block_until_ready(f()); jax.block_until_ready(f());"
+      "print(jax.devices()[0].memory_stats()['peak_bytes_in_use'])"
+  )
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=env, check=True)
+  return float(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------
+# Main.
+
+
+def _environment() -> str:
+  dev = jax.devices()[0]
+  return (f"JAX {jax.__version__}, optax {optax.__version__}, backend"
+          f" {jax.default_backend()} ({dev.device_kind}, {jax.device_count()} device(s)),"
+          f" {os.cpu_count()} CPU cores, Python {platform.python_version()}")
+
+
+def run(args: argparse.Namespace) -> str:
+  out = [f"Command: `{args.command}`", "",
+         f"# Hi-DLR overhead ({jax.default_backend().upper()})", "", _environment(), "",
+         f"Step timer: {args.clock} time. "
+         "Speed ratio = median over interleaved repetitions of t(base) / t(variant);"
+         " 1.0 = as fast as plain Adam. Hi-DLR probes on a different batch than"
+         " the gradient's, so a refresh costs 4K probe forwards + 1 for L0."
+         " Groups: contiguous blocks of layers (input to output); `interleaved` ="
+         " every leaf's last axis dealt round-robin over the groups"
+         " (`hidlr_optax.per_slice`), so every group touches every leaf."
+         f" `auto` probe batching resolves to"
+         f" {hidlr_optax._transform._resolve_batch_size('auto')!r} on this backend.", ""]
+  summary = {}
+  for name in args.models:
+    model = _models.build(name, args.quick)
+    bench = Bench.create(model)
+    print(f"[{time.strftime('%X')}] {name}: {model.description}", flush=True)
+    start = len(out)
+    out += [f"## {name}: {model.description}", "",
+            f"{model.num_params / 1e6:.2f} M trainable parameters"
+            + (f", {sum(x.size for x in jax.tree.leaves(model.frozen)) / 1e6:.2f} M frozen"
+               if model.frozen else "") + ".", ""]
+    reps = args.reps[name]
+    text, summary[name] = headline(bench, reps)
+    out += [f"### K = {HEADLINE_K}, Phi = {HEADLINE_PHI}, default settings ({reps} reps)",
+            "", text, ""]
+    text, summary[name]["compile_ratio"] = compile_table(bench, args.compile_reps)
+    out += ["### Compile time (trace + lower + compile), K = 2", "", text, ""]
+    text, summary[name]["memory_chunk1"] = memory_table(bench, name in args.device_peaks)
+    out += ["### Peak memory, K = 2 (`compiled.memory_analysis()` of the step with"
+            " params and state donated: arguments + outputs - aliased + temporaries)",
+            "", text, ""]
+    text = batching_table(bench, max(3, reps // 2), args.batchings)
+    out += [f"### Probe batching on a refresh step, K = 2 ({max(3, reps // 2)} reps)", "",
+            text, ""]
+    if name in args.grid_models:
+      grid_reps = max(3, reps // 2)
+      text = grid(bench, args.ks, args.estimators, ["vmap", "chunk1"], args.phis, grid_reps)
+      out += [f"### K x estimator x probe batching ({grid_reps} reps)", "", text, ""]
+    print("\n".join(out[start:]), flush=True)
+    _write(args.out, "\n".join(out) + "\n")  # keep what is done if killed later
+  out += ["## Targets (MLP, K = 2, Phi = 8, Adam)", ""]
+  if "mlp" in summary:
+    s = summary["mlp"]
+    out.append(table(["target", "measured", "met"], [
+        ["non-refresh speed ratio >= 0.97", s["non_refresh"], s["non_refresh"] >= 0.97],
+        ["amortised speed ratio >= 0.85", s["amortised"], s["amortised"] >= 0.85],
+        ["compile time <= 2x base (worst Hi-DLR variant)", s["compile_ratio"],
+         s["compile_ratio"] <= 2],
+        ["peak memory with probe_batch_size=1 <= 1.10x base", s["memory_chunk1"],
+         s["memory_chunk1"] <= 1.10],
+    ]))
+  return "\n".join(out) + "\n"
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="tiny models and few reps")
+  p.add_argument("--models", nargs="+", default=["mlp", "lora", "transformer"])
+  p.add_argument("--grid-models", nargs="+", default=None,
+                 help="models that get the full K x estimator x batching grid")
+  p.add_argument("--out", default=None, help="markdown file to write")
+  p.add_argument("--clock", choices=tuple(CLOCK), default="wall",
+                 help="step timer: wall time, or this process's CPU time (CPU only)")
+  p.add_argument("--device-peaks", nargs="*", default=[],
+                 help="models whose device peak memory is also measured, each"
+                      " variant in a child process (GPU)")
+  args = p.parse_args(argv)
+  args.command = " ".join(["python -m benchmarks.overhead", *map(shlex.quote, argv)])
+  if args.quick:
+    args.reps = {m: 3 for m in ("mlp", "lora", "transformer")}
+    args.compile_reps, args.ks, args.phis = 1, (2,), (1, 8)
+    args.batchings = ("chunk1", "vmap")
+  else:
+    cpu = jax.default_backend() == "cpu"
+    args.reps = ({"mlp": 15, "lora": 9, "transformer": 5} if cpu
+                 else {"mlp": 30, "lora": 30, "transformer": 30})
+    args.compile_reps, args.ks, args.phis = 3, (1, 2, 4, 8), (1, 2, 4, 8, 16)
+    args.batchings = ("chunk1", "chunk2", "chunk4", "vmap")
+  args.estimators = ("probe", "jvp")
+  if args.grid_models is None:  # the whole grid is affordable on CPU for the MLP only
+    cpu = jax.default_backend() == "cpu"
+    args.grid_models = ["mlp"] if cpu and not args.quick else args.models
+  if args.out is None:
+    args.out = f"benchmarks/results/overhead_{jax.default_backend()}.md"
+  return args
+
+
+def _write(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def main(argv: Sequence[str] = tuple(sys.argv[1:])) -> None:
+  global clock
+  args = parse(list(argv))
+  clock = CLOCK[args.clock]
+  _write(args.out, run(args))
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

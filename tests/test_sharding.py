@@ -1,0 +1,63 @@
+"""Hi-DLR under ``jax.sharding`` on 8 virtual CPU devices.
+
+The device count of the CPU backend is fixed when jax starts, so the checks
+run in a fresh process (``tests/_sharding_worker.py``) with ``XLA_FLAGS`` set
+before jax is imported; this works under pytest-xdist too. The worker runs
+``examples/sharded_training.py`` (single device, data parallel, FSDP) and
+reports what is asserted here. It is one test so that xdist starts the
+worker once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import _ecosystem
+
+TOLERANCE = 1e-4  # relative; float32 reductions split over 8 devices
+
+
+def run_worker() -> dict:
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = {"XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
+  worker = _ecosystem.REPO_ROOT / "tests" / "_sharding_worker.py"
+  proc = _ecosystem.run_python(worker, env=env, timeout=600)
+  [line] = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  return json.loads(line[len("RESULT "):])
+
+
+def test_sharded_training_on_eight_devices():
+  result = run_worker()
+  modes, single = result["modes"], result["modes"]["single"]
+  assert result["device_count"] == 8
+  assert modes["data"]["devices"] == modes["fsdp"]["devices"] == 8
+
+  # Data parallel and FSDP equal the single-device run to float tolerance.
+  # Probe losses are global-batch losses: same fits, same decisions, same rates.
+  for mode in ("data", "fsdp"):
+    run = modes[mode]
+    assert run["separation"] is None, mode
+    assert run["same_decisions"], mode  # every refresh accepted or rejected alike
+    assert run["param_difference"] < TOLERANCE, mode
+    assert run["loss_difference"] < TOLERANCE, mode
+    assert run["fit_difference"] < 1e-3, mode
+    assert run["rate_difference"] < TOLERANCE, mode
+    assert run["accepted"] == single["accepted"], mode  # the last refresh's, per group
+    assert run["refreshes"] == single["refreshes"] == 3, mode
+    assert run["loss_drop"] < 0.5, mode  # it trains
+
+  # Data parallel keeps parameters and Adam moments replicated ...
+  assert modes["data"]["kernel_spec_out"] == modes["data"]["adam_mu_spec"] == "replicated"
+  # ... FSDP keeps them sharded as placed; a 10-entry bias (8 does not divide it) is replicated.
+  fsdp = modes["fsdp"]
+  assert fsdp["kernel_spec_in"] in ("('data',)", "(None, 'data')")
+  assert fsdp["kernel_spec_out"] == fsdp["adam_mu_spec"] == fsdp["kernel_spec_in"]
+  assert fsdp["head_bias_spec_out"] == "replicated"
+
+  # Chunked probes: with data parallelism one probe at a time holds the same
+  # memory for 8 or 44 probes (up to per-group bookkeeping), less than all at once.
+  memory = {(m["mode"], m["probe_batch_size"], m["groups"]): m["bytes"] for m in result["memory"]}
+  assert memory[("data", 1, 11)] < 1.05 * memory[("data", 1, 2)]
+  assert memory[("data", 1, 11)] < memory[("data", None, 11)]
+  assert memory[("fsdp", 1, 2)] < memory[("fsdp", None, 2)]
