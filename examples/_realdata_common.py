@@ -1,0 +1,348 @@
+"""Shared pieces of the real-data benchmarks (reviews, Fashion-MNIST, California).
+
+Each benchmark compares, over several seeds, AdamW with hand-set schedules,
+the learning-rate-free optimizers Prodigy (Mishchenko & Defazio, 2024) and
+D-Adaptation (Defazio & Mishchenko, 2023), and Hi-ULR / Hi-DLR (Xu, Bu, Zhang
+& Barnett) on the same AdamW direction. Training runs
+:func:`_common.minibatch_epoch` with the data passed to the compiled step as
+arguments (large data sets would otherwise be baked into the program as
+constants); this module builds the methods, runs them over seeds with
+timing, and writes the table and the learning-rate figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax import contrib
+
+import hidlr_optax
+from tqdm.auto import tqdm
+
+from _common import Method, Timer, markdown_table, minibatch_epoch, plot_rates, save_figure
+
+Labels = Any
+RateCurve = Callable[[np.ndarray, float], dict[str, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """A method of a benchmark with how it is trained and plotted.
+
+  Attributes:
+    method: the optimizer (see :class:`_common.Method`).
+    probe: ``"fresh"`` or ``"same"``: Hi-DLR's probe batch (ignored by others).
+    rates: for a hand-set schedule, ``(steps, peak) -> {group: rate}`` for
+      the plot;
+      Hi-DLR's rates come from training, learning-rate-free methods have none.
+  """
+
+  method: Method
+  probe: str = "fresh"
+  rates: Optional[RateCurve] = None
+
+  @property
+  def name(self) -> str:
+    return self.method.name
+
+
+def adamw_direction(weight_decay: float) -> optax.GradientTransformation:
+  """AdamW's direction ``m_hat / (sqrt(v_hat) + eps) + lambda w`` (not negated)."""
+  return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))
+
+
+def schedule(kind: str, peak: float, steps: int, warmup_fraction: float = 0.0) -> optax.Schedule:
+  """``"constant"``, ``"linear"`` (to 0) or ``"cosine"`` (to 0), after a linear warm-up."""
+  warmup = int(round(warmup_fraction * steps))
+  decay_steps = max(steps - warmup, 1)
+  main = {
+      "constant": lambda: optax.constant_schedule(peak),
+      "linear": lambda: optax.linear_schedule(peak, 0.0, decay_steps),
+      "cosine": lambda: optax.cosine_decay_schedule(peak, decay_steps),
+  }[kind]()
+  if warmup == 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+
+
+def scheduled_adamw(
+    name: str,
+    kind: str,
+    peaks: Sequence[float],
+    steps: int,
+    *,
+    weight_decay: float,
+    warmup_fraction: float = 0.0,
+    group_scales: Optional[Mapping[str, float]] = None,
+    labels: Labels = None,
+) -> Entry:
+  """AdamW under a schedule, over a grid of peak rates (trained vmapped).
+
+  ``group_scales`` multiplies the schedule per group (LoRA+'s fixed ratio).
+  """
+  unit = schedule(kind, 1.0, steps, warmup_fraction)
+  scales = {"all": 1.0} if group_scales is None else dict(group_scales)
+
+  def make(peak):
+    def by_group(scale: float) -> optax.GradientTransformation:
+      return optax.chain(
+          adamw_direction(weight_decay),
+          optax.scale_by_learning_rate(lambda t: scale * peak * unit(t)),
+      )
+
+    if group_scales is None:
+      return by_group(1.0)
+    return optax.multi_transform({g: by_group(s) for g, s in scales.items()}, labels)
+
+  def rates(t: np.ndarray, peak: float) -> dict[str, np.ndarray]:
+    base = peak * np.asarray([float(unit(int(i))) for i in t])
+    return {g: s * base for g, s in scales.items()}
+
+  method = Method(
+      name, make, grid=jnp.asarray(peaks, jnp.float32),
+      describe=lambda peak: f"peak {float(peak):.2g}",
+  )
+  return Entry(method, rates=rates)
+
+
+def hidlr_entry(
+    name: str,
+    learning_rate: float,
+    labels: Labels,
+    *,
+    weight_decay: float,
+    update_every: int,
+    probe: str = "fresh",
+    **kwargs,
+) -> Entry:
+  """Hi-DLR (``labels=None``: Hi-ULR) on the AdamW direction.
+
+  ``kwargs`` go to :func:`hidlr_optax.scale_by_hidlr` (e.g. ``fit="full"``).
+  """
+  make = lambda _: hidlr_optax.hidlr(
+      adamw_direction(weight_decay), learning_rate, labels, update_every=update_every,
+      **kwargs,
+  )
+  return Entry(Method(name, make, hidlr=True), probe=probe)
+
+
+def learning_rate_free(weight_decay: float) -> list[Entry]:
+  """Prodigy and D-Adaptation AdamW at their default rate 1, same weight decay."""
+  return [
+      Entry(Method("Prodigy", lambda _: contrib.prodigy(weight_decay=weight_decay))),
+      Entry(
+          Method("D-Adaptation", lambda _: contrib.dadapt_adamw(weight_decay=weight_decay))
+      ),
+  ]
+
+
+def train_arrays(
+    loss_fn: Callable,
+    metrics_fn: Callable[..., dict],
+    params: Any,
+    entry: Entry,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> dict:
+  """Trains ``entry`` (all grid points vmapped) on in-memory arrays.
+
+  Same batches for every method and grid point (same ``seed``); Hi-DLR probes
+  as ``entry.probe`` says (see :func:`_common.minibatch_epoch`).
+
+  Args:
+    loss_fn: ``(params, x, y) -> scalar``.
+    metrics_fn: ``(params, x, y) -> {name: scalar}`` on a whole split.
+    params: initial parameters.
+    entry: the method.
+    train: ``(x, y)`` training arrays.
+    test: ``(x, y)`` test arrays.
+    epochs: passes over the training set.
+    batch_size: mini-batch size (a last partial batch is dropped).
+    seed: seed of the batch order.
+
+  Returns:
+    ``step_loss`` (``(..., steps)``), ``lr`` (``{label: (..., steps)}``, empty
+    for methods other than Hi-DLR), and ``train_<m>`` / ``test_<m>`` after
+    every epoch (``(..., epochs)``), as NumPy arrays with a leading grid axis
+    for grid methods; for Hi-DLR also ``num_accepted`` (``{label: count}``)
+    and ``num_refreshes`` from the final state.
+  """
+  method = entry.method
+
+  def epoch(hp, p, s, data, perms):
+    return minibatch_epoch(loss_fn, method, hp, p, s, data, perms, batch_size, entry.probe)
+
+  def evaluate(hp, p, s, tr, te):
+    q = p if method.eval_params is None else method.eval_params(s, p)
+    return {
+        **{f"train_{k}": v for k, v in metrics_fn(q, *tr).items()},
+        **{f"test_{k}": v for k, v in metrics_fn(q, *te).items()},
+    }
+
+  init = lambda hp, p: method.make_tx(hp).init(p)
+  grid = method.grid
+  p = params
+  if grid is None:
+    init, epoch, evaluate = jax.jit(init), jax.jit(epoch), jax.jit(evaluate)
+  else:
+    init = jax.jit(jax.vmap(init, in_axes=(0, None)))
+    epoch = jax.jit(jax.vmap(epoch, in_axes=(0, 0, 0, None, None)))
+    evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, 0, None, None)))
+    p = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(grid),) + x.shape), params)
+  train = tuple(jnp.asarray(a) for a in train)
+  test = tuple(jnp.asarray(a) for a in test)
+  s = init(grid, params)
+  key = jax.random.key(seed)
+  n = train[0].shape[0]
+  evals, steps = [], []
+  for _ in tqdm(range(epochs), desc=entry.name, leave=False):
+    key, k1, k2 = jax.random.split(key, 3)
+    perms = jnp.stack([jax.random.permutation(k1, n), jax.random.permutation(k2, n)])
+    p, s, record = epoch(grid, p, s, train, perms)
+    steps.append(jax.device_get(record))
+    evals.append(jax.device_get(evaluate(grid, p, s, train, test)))
+  axis = 0 if grid is None else 1
+  out = jax.tree.map(lambda *xs: np.stack(xs, axis=axis), *evals)
+  record = jax.tree.map(lambda *xs: np.concatenate(xs, axis=axis), *steps)
+  out["step_loss"], out["lr"] = record["loss"], record["lr"]
+  states = hidlr_optax.find_states(s)
+  if states:
+    out["num_accepted"] = jax.device_get(states[0].num_accepted)
+    out["num_refreshes"] = int(states[0].num_refreshes)
+  return out
+
+
+@dataclasses.dataclass
+class SeedRuns:
+  """Results of one method over seeds.
+
+  Attributes:
+    metrics: one ``{metric: value}`` per seed (at the chosen grid point).
+    seconds: wall-clock seconds per seed (all grid points together).
+    history: the first seed's training record (at the chosen grid point).
+    setting: the chosen grid point, described (``""`` without a grid).
+    peak: the chosen grid value (``None`` without a grid).
+  """
+
+  metrics: list[dict]
+  seconds: list[float]
+  history: dict
+  setting: str = ""
+  peak: Optional[float] = None
+
+
+def run_seeds(
+    entries: Sequence[Entry],
+    seeds: Sequence[int],
+    train: Callable[[Entry, int], dict],
+    summarise: Callable[[dict], dict[str, float]],
+    select_by: str,
+    larger_is_better: bool = True,
+) -> dict[str, SeedRuns]:
+  """Trains every entry for every seed, timing each run.
+
+  A grid method trains all its grid points at once (vmapped) for every seed;
+  the grid point with the best mean ``select_by`` over seeds is reported,
+  the same point for every seed.
+
+  Args:
+    entries: the methods.
+    seeds: the seeds.
+    train: ``(entry, seed) -> history`` (a :func:`train_arrays` record).
+    summarise: ``history -> {metric: value}`` for one grid point.
+    select_by: the metric that picks a grid point.
+    larger_is_better: whether a larger ``select_by`` is better.
+
+  Returns:
+    ``{method name: SeedRuns}``.
+  """
+  out = {}
+  for entry in entries:
+    histories, seconds = [], []
+    for seed in seeds:
+      with Timer() as timer:
+        histories.append(train(entry, seed))
+      seconds.append(timer.seconds)
+    grid = entry.method.grid
+    if grid is None:
+      out[entry.name] = SeedRuns([summarise(h) for h in histories], seconds, histories[0])
+      continue
+    points = [
+        [summarise(jax.tree.map(lambda x: x[i], h)) for h in histories]
+        for i in range(len(grid))
+    ]
+    means = np.asarray([np.mean([m[select_by] for m in p]) for p in points])
+    means = np.where(np.isfinite(means), means, -np.inf if larger_is_better else np.inf)
+    best = int(np.argmax(means) if larger_is_better else np.argmin(means))
+    out[entry.name] = SeedRuns(
+        points[best], seconds, jax.tree.map(lambda x: x[best], histories[0]),
+        entry.method.describe(grid[best]), float(grid[best]),
+    )
+  return out
+
+
+def mean_std(values: Sequence[float], digits: int = 4) -> str:
+  """``"mean ± std"`` over seeds (std with ddof 0; just the value for one seed)."""
+  v = np.asarray(values, dtype=float)
+  if v.size == 1:
+    return f"{v[0]:.{digits}f}"
+  return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
+
+
+def seeds_table(runs: Mapping[str, SeedRuns], columns: Sequence[tuple[str, str]]) -> str:
+  """Markdown table: one row per method, ``mean ± std`` of each metric.
+
+  Args:
+    runs: per method, its :class:`SeedRuns`.
+    columns: ``(metric key, column title)`` pairs.
+  """
+  header = ["method", "grid pick", *(title for _, title in columns), "s / run"]
+  rows = []
+  for name, r in runs.items():
+    cells = [mean_std([m[key] for m in r.metrics]) for key, _ in columns]
+    rows.append([name, r.setting or "-", *cells, f"{np.mean(r.seconds):.1f}"])
+  return markdown_table(header, rows)
+
+
+def fit_table(runs: Mapping[str, SeedRuns]) -> str:
+  """Hi-DLR diagnostics of the first seed: final rate and accepted refreshes."""
+  rows = []
+  for name, r in runs.items():
+    if "num_accepted" not in r.history:
+      continue
+    for label, count in r.history["num_accepted"].items():
+      rate = float(np.asarray(r.history["lr"][label])[-1])
+      rows.append([name, label, f"{rate:.3g}", f"{int(count)} / {r.history['num_refreshes']}"])
+  return markdown_table(["method", "group", "final rate", "accepted refreshes"], rows)
+
+
+def rate_figure(entries: Sequence[Entry], runs: Mapping[str, SeedRuns], out_dir, name: str):
+  """One panel per method with rates: Hi-DLR's measured, schedules' set."""
+  import matplotlib.pyplot as plt
+
+  panels = []
+  for entry in entries:
+    run = runs[entry.name]
+    steps = np.asarray(run.history["step_loss"]).shape[-1]
+    if entry.method.hidlr:
+      panels.append((entry.name, {str(k): v for k, v in run.history["lr"].items()}))
+    elif entry.rates is not None:
+      panels.append((f"{entry.name} ({run.setting})", entry.rates(np.arange(steps), run.peak)))
+  cols = min(3, len(panels))
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+  for ax, (title, rates) in zip(axes.ravel(), panels):
+    plot_rates(ax, rates, title)
+  for ax in axes.ravel()[len(panels):]:
+    ax.axis("off")
+  return save_figure(fig, out_dir, name)

