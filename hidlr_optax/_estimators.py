@@ -48,35 +48,56 @@ class Estimate(NamedTuple):
   r_squared: jax.Array
 
 
-def batched_map(fn: Callable, xs: jax.Array, batch_size: Union[int, None]):
-  """Maps ``fn`` over the leading axis of ``xs``, vmapped or in chunks."""
-  if batch_size is None or batch_size >= xs.shape[0]:
-    return jax.vmap(fn)(xs)
-  return jax.lax.map(fn, xs, batch_size=batch_size)
-
 
 def fit_dtype(loss: jax.Array) -> jnp.dtype:
   """Fits run in float32 at least, in float64 when the loss is float64."""
   return jnp.promote_types(jnp.asarray(loss).dtype, jnp.float32)
 
 
-def probe_coefficients(
-    num_groups: int, scales: np.ndarray, full: bool, with_origin: bool
-) -> np.ndarray:
+def probe_coefficients(num_groups: int, scales: np.ndarray, full: bool) -> np.ndarray:
   """Probe points in normalised units, one row per probe, shape ``(P, K)``.
 
-  Rows: optionally the origin (for ``L0``), then ``v_i e_k`` for every group
-  ``k`` and scale ``v_i``, then, for the full fit, ``v_i (e_k + e_l)`` for
-  every pair ``k < l``.
+  Rows: ``v_i e_k`` for every group ``k`` and scale ``v_i``, then, for the
+  full fit, ``v_i (e_k + e_l)`` for every pair ``k < l``.
   """
   eye = np.eye(num_groups)
-  rows = [np.zeros((1, num_groups))] if with_origin else []
-  rows.append(np.kron(eye, scales[:, None]))
+  rows = [np.kron(eye, scales[:, None])]
   if full:
     pairs = _fit.pair_indices(num_groups)
     joint = eye[pairs[:, 0]] + eye[pairs[:, 1]]
     rows.append(np.kron(joint, scales[:, None]))
   return np.concatenate(rows, axis=0)
+
+
+def _set_losses_vmapped(value_fn, params, directions, layout, rates, scales, full):
+  """Losses of every probe set, each set's scales in one ``jax.vmap``; (S, n).
+
+  A set's probes move only its groups' leaves; the other leaves stay
+  unbatched, so what the loss computes from them alone runs once per set.
+  """
+  sets = probe_coefficients(layout.num_groups, np.ones(1), full) != 0
+  v = jnp.asarray(scales, rates.dtype)
+
+  def set_losses(groups: np.ndarray) -> jax.Array:
+    coeffs = jnp.where(groups, rates, 0)
+    probe = lambda s: value_fn(layout.move(params, s * coeffs, directions, groups))
+    return jax.vmap(probe)(v)
+
+  return jnp.stack([set_losses(groups) for groups in sets])
+
+
+def _losses_chunked(value_fn, params, directions, layout, rates, scales, full, batch_size):
+  """Losses of all probes in one ``jax.lax.map`` of ``batch_size``; (S, n).
+
+  One map over every probe keeps at most ``batch_size`` moved copies of the
+  parameters (and, when they are sharded, of their gathered leaves) alive,
+  whatever the number of groups.
+  """
+  coeffs = probe_coefficients(layout.num_groups, scales, full)
+  every_group = np.ones(layout.num_groups, bool)
+  probe = lambda c: value_fn(layout.move(params, c * rates, directions, every_group))
+  losses = jax.lax.map(probe, jnp.asarray(coeffs, rates.dtype), batch_size=batch_size)
+  return losses.reshape(-1, scales.size)
 
 
 def probe_estimate(
@@ -94,21 +115,19 @@ def probe_estimate(
   """Estimates the model from loss values at probe points (Algorithm 1).
 
   The probes come in sets, one per group (and one per pair of groups for the
-  full fit). A set's probes move only the leaves of its groups and are mapped
-  over the scales alone, so whatever the loss computes from the other leaves
-  only (e.g. the layers below a head group) is not batched and is computed
-  once per set rather than once per probe.
+  full fit). With ``batch_size=None`` each set is one ``jax.vmap`` over the
+  scales that moves only the set's leaves, so whatever the loss computes from
+  the other leaves alone (e.g. the layers below a head group) runs once per
+  set. With an int, all probes run in one ``jax.lax.map`` in chunks of that
+  size, which bounds memory independently of the number of groups.
   """
   k = layout.num_groups
-  sets = probe_coefficients(k, np.ones(1), full, with_origin=False) != 0  # (S, K)
-  v = jnp.asarray(scales, rates.dtype)
-
-  def set_losses(groups: np.ndarray) -> jax.Array:
-    coeffs = jnp.where(groups, rates, 0)
-    probe = lambda s: value_fn(layout.move(params, s * coeffs, directions, groups))
-    return batched_map(probe, v, batch_size)
-
-  losses = jnp.stack([set_losses(groups) for groups in sets])  # (S, n)
+  if batch_size is None:
+    losses = _set_losses_vmapped(value_fn, params, directions, layout, rates, scales, full)
+  else:
+    losses = _losses_chunked(
+        value_fn, params, directions, layout, rates, scales, full, batch_size
+    )
   origin = value_fn(params) if value is None else value
   dtype = fit_dtype(losses)
   deltas = losses.astype(dtype) - jnp.asarray(origin, dtype)

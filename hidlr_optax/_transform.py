@@ -50,10 +50,8 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 
 def _resolve_batch_size(probe_batch_size: Union[int, str, None]) -> Union[int, None]:
-  """``"auto"``: chunks of one probe on CPU, one vmapped batch elsewhere."""
-  if probe_batch_size == "auto":
-    return 1 if jax.default_backend() == "cpu" else None
-  return probe_batch_size
+  """``"auto"``: one vmapped batch per group, on every backend."""
+  return None if probe_batch_size == "auto" else probe_batch_size
 
 
 def _validate(
@@ -198,11 +196,13 @@ def scale_by_hidlr(
       current rate before smoothing; ``None`` for no bound.
     min_learning_rate: lower bound of every rate.
     max_learning_rate: upper bound of every rate, or ``None``.
-    probe_batch_size: for ``estimator="probe"``: ``None`` evaluates each
-      group's probes in one ``jax.vmap`` (a probe moves only its group's
-      leaves, so what depends on the other leaves alone is computed once); an
-      int evaluates them ``jax.lax.map``-ed in chunks of that size to bound
-      memory; ``"auto"`` picks chunks of 1 on CPU and one batch on GPU/TPU.
+    probe_batch_size: for ``estimator="probe"``: ``None`` (or ``"auto"``)
+      evaluates each group's probes in one ``jax.vmap`` that moves only that
+      group's leaves, so what depends on the other leaves alone is computed
+      once per group (fastest); an int evaluates all probes in one
+      ``jax.lax.map`` in chunks of that size, so at most that many moved
+      copies of the parameters are alive whatever the number of groups
+      (least memory).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes

@@ -326,10 +326,8 @@ def test_probe_batch_sizes_agree(batch_size):
 
 
 def test_probe_coefficients_layout():
-  c = _estimators.probe_coefficients(2, np.array([-1.0, 1.0]), full=True, with_origin=True)
-  np.testing.assert_array_equal(
-      c, [[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1], [-1, -1], [1, 1]]
-  )
+  c = _estimators.probe_coefficients(2, np.array([-1.0, 1.0]), full=True)
+  np.testing.assert_array_equal(c, [[-1, 0], [1, 0], [0, -1], [0, 1], [-1, -1], [1, 1]])
 
 
 # --------------------------------------------------------------------------
