@@ -326,6 +326,14 @@ def fit_table(runs: Mapping[str, SeedRuns]) -> str:
   return markdown_table(["method", "group", "final rate", "accepted refreshes"], rows)
 
 
+def fit_section(runs: Mapping[str, SeedRuns]) -> str:
+  """The results files' paragraph on Hi-DLR's fits, with :func:`fit_table`."""
+  return (
+      "Hi-DLR fit diagnostics, seed 0: the rate at the end and how many refreshes passed the\n"
+      "acceptance rule (b > 0, A > 0, R^2 >= 0.95) for each group.\n\n" + fit_table(runs)
+  )
+
+
 def rate_figure(entries: Sequence[Entry], runs: Mapping[str, SeedRuns], out_dir, name: str):
   """One panel per method with rates: Hi-DLR's measured, schedules' set."""
   import matplotlib.pyplot as plt

@@ -191,10 +191,7 @@ baselines). Prodigy and D-Adaptation: rate 1, same weight decay.
 
 {table}
 
-Hi-DLR fit diagnostics, seed 0: the rate at the end and how many refreshes passed the
-acceptance rule (b > 0, A > 0, R^2 >= 0.95) for each group.
-
-{rc.fit_table(runs)}
+{rc.fit_section(runs)}
 """
   write_results(
       args.out, name, command_line(__file__, argv),
