@@ -314,6 +314,16 @@ def seeds_table(runs: Mapping[str, SeedRuns], columns: Sequence[tuple[str, str]]
   return markdown_table(header, rows)
 
 
+def only_methods(entries: Sequence[Entry], names: Optional[Sequence[str]]) -> list:
+  """The entries named in ``names`` (``--methods``), or all when it is empty."""
+  return [e for e in entries if not names or e.name in names]
+
+
+def classification_summary(history: Mapping[str, Any]) -> dict[str, float]:
+  """Final test accuracy, test loss and training loss of one run."""
+  return {k: float(history[k][-1]) for k in ("test_accuracy", "test_loss", "train_loss")}
+
+
 def fit_table(runs: Mapping[str, SeedRuns]) -> str:
   """Hi-DLR diagnostics of the first seed: final rate and accepted refreshes."""
   rows = []

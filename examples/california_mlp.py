@@ -127,8 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     )
 
   entries = build_entries(args, steps, groups)
-  if args.methods:
-    entries = [e for e in entries if e.name in args.methods]
+  entries = rc.only_methods(entries, args.methods)
   summarise = lambda h: {
       "test_mse": float(h["test_mse"][-1]),
       "best_test_mse": float(np.nanmin(h["test_mse"])),

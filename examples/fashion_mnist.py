@@ -158,14 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     )
 
   entries = build_entries(args, steps, init(0))
-  if args.methods:
-    entries = [e for e in entries if e.name in args.methods]
-  summarise = lambda h: {
-      "test_accuracy": float(h["test_accuracy"][-1]),
-      "test_loss": float(h["test_loss"][-1]),
-      "train_loss": float(h["train_loss"][-1]),
-  }
-  runs = rc.run_seeds(entries, seeds, run, summarise, "test_accuracy")
+  entries = rc.only_methods(entries, args.methods)
+  runs = rc.run_seeds(entries, seeds, run, rc.classification_summary, "test_accuracy")
   table = rc.seeds_table(
       runs,
       [("test_accuracy", "test accuracy"), ("test_loss", "test loss"), ("train_loss", "train loss")],

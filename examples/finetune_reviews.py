@@ -149,14 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
   labels = bert.lora_labels(bert.split_trainable(params)[0])
   entries = build_entries(args, steps, labels)
-  if args.methods:
-    entries = [e for e in entries if e.name in args.methods]
-  summarise = lambda h: {
-      "test_accuracy": float(h["test_accuracy"][-1]),
-      "test_loss": float(h["test_loss"][-1]),
-      "train_loss": float(h["train_loss"][-1]),
-  }
-  runs = rc.run_seeds(entries, seeds, make_train, summarise, "test_accuracy")
+  entries = rc.only_methods(entries, args.methods)
+  runs = rc.run_seeds(entries, seeds, make_train, rc.classification_summary, "test_accuracy")
   report(args, argv, entries, runs, steps, stop)
   return runs
 
