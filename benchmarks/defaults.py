@@ -1,9 +1,9 @@
-"""Sweep of scale_by_hidlr's defaults ``accept``, ``smoothing``, ``max_growth``.
+"""Sweep of scale_by_hidlr's defaults ``accept``, ``smoothing``, ``max_growth``, ``joint_check``.
 
 One setting changes at a time from the core's defaults; every variant trains
-Hi-DLR on three mini-batch tasks of ``examples/`` at a reduced size (mixture of
-experts, synthetic neural additive model, multi-task head), probing on a fresh
-batch. Defaults are judged on the final *training* loss (never on test data);
+Hi-DLR on four mini-batch tasks of ``examples/`` at a reduced size (mixture of
+experts, the synthetic and the California neural additive models, multi-task
+head), probing on a fresh batch. Defaults are judged on the final *training* loss (never on test data);
 the test loss is shown for information. Writes ``benchmarks/results/defaults.md``.
 
 Run ``python benchmarks/defaults.py`` (``--quick`` for a small run).
@@ -34,6 +34,7 @@ VARIANTS = {
     "smoothing=0.0": {"smoothing": 0.0},
     "max_growth=None": {"max_growth": None},
     "max_growth=2": {"max_growth": 2.0},
+    "joint_check=False": {"joint_check": False},
 }
 
 
@@ -42,6 +43,7 @@ def tasks(seed: int, quick: bool) -> dict:
   scale = 0.2 if quick else 1.0
   moe_train, moe_test = moe.make_data(seed)
   nam_train, nam_test, names, _ = additive_model.load("synthetic", seed, quick)
+  cal_train, cal_test, cal_names, _ = additive_model.load("california", seed, quick)
   mt_train, mt_test = multitask.load(seed)
   return {
       "mixture of experts": (
@@ -52,6 +54,11 @@ def tasks(seed: int, quick: bool) -> dict:
           additive_model.loss_fn, additive_model.metrics_fn,
           additive_model.init_params(jax.random.key(seed), len(names)), nam_train, nam_test,
           "sgd", additive_model.labels(names), 1e-3, 2, int(40 * scale), 256,
+      ),
+      "additive model (California)": (
+          additive_model.loss_fn, additive_model.metrics_fn,
+          additive_model.init_params(jax.random.key(seed), len(cal_names)), cal_train, cal_test,
+          "adam", additive_model.labels(cal_names), 1e-5, 8, int(40 * scale), 256,
       ),
       "multi-task head": (
           multitask.loss_fn, multitask.metrics_fn, multitask.init_params(jax.random.key(seed)),
@@ -110,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   )
   print(verdict)
   body = f"""
-Hi-DLR with the core's defaults (`{C.hidlr_defaults()}`) against one change at a time, on three mini-batch tasks
+Hi-DLR with the core's defaults (`{C.hidlr_defaults()}`) against one change at a time, on four mini-batch tasks
 of `examples/` (fresh-batch probes; each task's base, groups, initial rate
 and `update_every` as in its script; fewer epochs). Judged on the final
 training loss. Wall time {timer.seconds:.0f} s.

@@ -65,6 +65,8 @@ class Variant:
   batching: Union[str, None] = "auto"
   update_every: int = HEADLINE_PHI
   grouping: str = "layers"
+  joint_check: bool = True
+  reuse_value: bool = False  # probe the gradient's batch and pass value=loss
 
   @property
   def is_base(self) -> bool:
@@ -90,18 +92,21 @@ def optimizer(model: _models.Model, v: Variant) -> optax.GradientTransformation:
   return hidlr_optax.hidlr(
       optax.scale_by_adam(), 1e-3, _models.group_labels(model, v.k, v.grouping),
       update_every=v.update_every, estimator=v.estimator,
-      probe_batch_size=v.probe_batch_size,
+      probe_batch_size=v.probe_batch_size, joint_check=v.joint_check,
   )
 
 
-def train_step(model: _models.Model, tx, is_base: bool) -> Callable:
+def train_step(model: _models.Model, tx, v: Variant) -> Callable:
   """A fresh (un-jitted) train step ``(params, state, frozen, batch, probe_batch)``."""
 
   def step(params, opt_state, frozen, batch, probe_batch):
     loss, grads = jax.value_and_grad(model.loss)(params, frozen, batch)
-    extra = {} if is_base else {
-        "value_fn": lambda p: model.loss(p, frozen, probe_batch)
-    }
+    if v.is_base:
+      extra = {}
+    elif v.reuse_value:
+      extra = {"value_fn": lambda p: model.loss(p, frozen, batch), "value": loss}
+    else:
+      extra = {"value_fn": lambda p: model.loss(p, frozen, probe_batch)}
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -138,7 +143,7 @@ class Bench:
     """``(compiled step, tx)``, traced and compiled afresh; ``donate``
     donates params and state."""
     tx = optimizer(self.model, v)
-    fn = jax.jit(train_step(self.model, tx, v.is_base), donate_argnums=(0, 1) if donate else ())
+    fn = jax.jit(train_step(self.model, tx, v), donate_argnums=(0, 1) if donate else ())
     return fn.lower(*self.args(tx.init(self.model.params))).compile(), tx
 
   def compiled(self, v: Variant):
@@ -239,10 +244,14 @@ def headline(bench: Bench, reps: int, phi: int = HEADLINE_PHI) -> tuple[str, dic
   """K = 2, Phi = 8, defaults: base, non-refresh, refresh, amortised, forward."""
   v = Variant(k=HEADLINE_K, update_every=phi)
   inter = dataclasses.replace(v, grouping="interleaved")
+  no_joint = dataclasses.replace(v, joint_check=False)
+  reuse = dataclasses.replace(v, reuse_value=True)
   thunks = {
       "base": bench.step_call(BASE),
       "non-refresh": bench.step_call(v, count=1),
       "refresh": bench.step_call(v, count=0),
+      "refresh, joint_check=False": bench.step_call(no_joint, count=0),
+      "refresh, value= reused": bench.step_call(reuse, count=0),
       "base x Phi": bench.block_call(BASE, phi),
       "Hi-DLR x Phi": bench.block_call(v, phi),
       "refresh (interleaved groups)": bench.step_call(inter, count=0),
@@ -253,16 +262,23 @@ def headline(bench: Bench, reps: int, phi: int = HEADLINE_PHI) -> tuple[str, dic
   direct = speed(t, "Hi-DLR x Phi", "base x Phi")
   fwd = ms(t["forward (probe batch)"])
   base = ms(t["base"])
-  n_fwd = 4 * HEADLINE_K + 1
+  n_fwd = 4 * HEADLINE_K + 2  # probes, L0, the joint check
+  no_joint_ref, reuse_ref = speed(t, "refresh, joint_check=False"), speed(t, "refresh, value= reused")
   rows = [
       ["base step (adam)", ms(t["base"]), 1.0, ""],
       ["Hi-DLR, step that does not refresh", ms(t["non-refresh"]), non, ">= 0.97"],
       ["Hi-DLR, refresh step", ms(t["refresh"]), ref, ""],
       ["Hi-DLR, refresh step, interleaved groups", ms(t["refresh (interleaved groups)"]),
        speed(t, "refresh (interleaved groups)"), ""],
+      ["Hi-DLR, refresh step, joint_check=False (one forward fewer)",
+       ms(t["refresh, joint_check=False"]), no_joint_ref, ""],
+      ["Hi-DLR, refresh step, probes on the gradient's batch with value= (no L0 forward)",
+       ms(t["refresh, value= reused"]), reuse_ref, ""],
       [f"Hi-DLR, amortised over Phi={phi} steps (measured block)",
        ms(t["Hi-DLR x Phi"]) / phi, direct, ">= 0.85"],
       ["Hi-DLR, amortised (from the two step ratios)", "", amortised(non, ref, phi), ""],
+      ["  the same, joint_check=False", "", amortised(non, no_joint_ref, phi), ""],
+      ["  the same, value= reused", "", amortised(non, reuse_ref, phi), ""],
       ["one forward on the probe batch (F)", fwd, "", ""],
       [f"cost model with measured F: base / (base + {n_fwd} F / Phi)", "",
        base / (base + n_fwd * fwd / phi), ""],
@@ -401,7 +417,8 @@ def run(args: argparse.Namespace) -> str:
          f"Step timer: {args.clock} time. "
          "Speed ratio = median over interleaved repetitions of t(base) / t(variant);"
          " 1.0 = as fast as plain Adam. Hi-DLR probes on a different batch than"
-         " the gradient's, so a refresh costs 4K probe forwards + 1 for L0."
+         " the gradient's, so a refresh costs 4K probe forwards + 1 for L0 + 1 for the joint"
+         " check (K > 1)."
          " Groups: contiguous blocks of layers (input to output); `interleaved` ="
          " every leaf's last axis dealt round-robin over the groups"
          " (`hidlr_optax.per_slice`), so every group touches every leaf."

@@ -311,7 +311,9 @@ def hidlr_method(
   )
 
 
-def hidlr_defaults(names: Sequence[str] = ("update_every", "smoothing", "min_r2", "accept", "max_growth")) -> str:
+def hidlr_defaults(
+    names: Sequence[str] = ("update_every", "smoothing", "min_r2", "accept", "max_growth", "joint_check"),
+) -> str:
   """The core's current defaults of ``scale_by_hidlr``, for results files."""
   import inspect
 
@@ -491,49 +493,70 @@ def train_minibatch(
   """Trains ``method`` (all grid points vmapped) for ``epochs`` epochs.
 
   Every grid point and every method sees the same batches (same ``seed``).
+  The data enter the compiled epoch as arguments, not as constants, so large
+  datasets (e.g. cached transformer features) compile as fast as small ones.
+
+  Args:
+    loss_fn: ``(params, x, y) -> scalar``.
+    metrics_fn: ``(params, x, y) -> {name: scalar}`` on a whole split.
+    params: initial parameters.
+    method: the optimizer (a grid method trains every point at once).
+    train: ``(x, y)`` training arrays.
+    test: ``(x, y)`` test arrays.
+    epochs: passes over the training set.
+    batch_size: mini-batch size (a last partial batch is dropped).
+    seed: seed of the batch order.
+    probe: where Hi-DLR's probes look (see :func:`minibatch_epoch`).
 
   Returns:
     ``step_loss`` (mini-batch losses, ``(..., steps)``), ``lr`` (``{label:
-    (steps,)}``), and for every key ``m`` of ``metrics_fn``: ``train_m`` and
-    ``test_m`` after each epoch, epoch 0 being the initial parameters; NumPy
-    arrays with a leading grid axis when the method has a grid.
+    (..., steps)}``, empty for methods other than Hi-DLR), and for every key
+    ``m`` of ``metrics_fn``: ``train_m`` and ``test_m`` after each epoch,
+    epoch 0 being the initial parameters; NumPy arrays with a leading grid
+    axis when the method has a grid. For Hi-DLR also ``num_accepted``
+    (``{label: count}``) and ``num_refreshes`` from the final state.
   """
-  train = tuple(jnp.asarray(a) for a in train)
-  test = tuple(jnp.asarray(a) for a in test)
-  epoch = lambda hp, p, s, perms: minibatch_epoch(
-      loss_fn, method, hp, p, s, train, perms, batch_size, probe
-  )
 
-  def evaluate(hp, p, s):
+  def epoch(hp, p, s, data, perms):
+    return minibatch_epoch(loss_fn, method, hp, p, s, data, perms, batch_size, probe)
+
+  def evaluate(hp, p, s, tr, te):
     q = p if method.eval_params is None else method.eval_params(s, p)
-    tr, te = metrics_fn(q, *train), metrics_fn(q, *test)
-    return {**{f"train_{k}": v for k, v in tr.items()}, **{f"test_{k}": v for k, v in te.items()}}
+    return {
+        **{f"train_{k}": v for k, v in metrics_fn(q, *tr).items()},
+        **{f"test_{k}": v for k, v in metrics_fn(q, *te).items()},
+    }
 
-  init = lambda hp: method.make_tx(hp).init(params)
+  init = lambda hp, p: method.make_tx(hp).init(p)
   grid = method.grid
+  p = params
   if grid is None:
     init, epoch, evaluate = jax.jit(init), jax.jit(epoch), jax.jit(evaluate)
-    p = params
   else:
-    in_axes = (0, 0, 0, None)
-    init = jax.jit(jax.vmap(init))
-    epoch = jax.jit(jax.vmap(epoch, in_axes=in_axes))
-    evaluate = jax.jit(jax.vmap(evaluate))
+    init = jax.jit(jax.vmap(init, in_axes=(0, None)))
+    epoch = jax.jit(jax.vmap(epoch, in_axes=(0, 0, 0, None, None)))
+    evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, 0, None, None)))
     p = jax.tree.map(lambda x: jnp.broadcast_to(x, (grid_size(grid),) + x.shape), params)
-  s = init(grid)
+  train = tuple(jnp.asarray(a) for a in train)
+  test = tuple(jnp.asarray(a) for a in test)
+  s = init(grid, params)
   key = jax.random.key(seed)
   n = train[0].shape[0]
-  evals, steps = [jax.device_get(evaluate(grid, p, s))], []
+  evals, steps = [jax.device_get(evaluate(grid, p, s, train, test))], []
   for _ in tqdm(range(epochs), desc=method.name, leave=False):
     key, k1, k2 = jax.random.split(key, 3)
     perms = jnp.stack([jax.random.permutation(k1, n), jax.random.permutation(k2, n)])
-    p, s, rec = epoch(grid, p, s, perms)
+    p, s, rec = epoch(grid, p, s, train, perms)
     steps.append(jax.device_get(rec))
-    evals.append(jax.device_get(evaluate(grid, p, s)))
+    evals.append(jax.device_get(evaluate(grid, p, s, train, test)))
   axis = 0 if grid is None else 1
   out = jax.tree.map(lambda *xs: np.stack(xs, axis=axis), *evals)
   rec = jax.tree.map(lambda *xs: np.concatenate(xs, axis=axis), *steps)
   out["step_loss"], out["lr"] = rec["loss"], rec["lr"]
+  states = hidlr_optax.find_states(s)
+  if states:
+    out["num_accepted"] = jax.device_get(states[0].num_accepted)
+    out["num_refreshes"] = jax.device_get(states[0].num_refreshes)
   return out
 
 

@@ -3,11 +3,9 @@
 Each benchmark compares, over several seeds, AdamW with hand-set schedules,
 the learning-rate-free optimizers Prodigy (Mishchenko & Defazio, 2024) and
 D-Adaptation (Defazio & Mishchenko, 2023), and Hi-ULR / Hi-DLR (Xu, Bu, Zhang
-& Barnett) on the same AdamW direction. Training runs
-:func:`_common.minibatch_epoch` with the data passed to the compiled step as
-arguments (large data sets would otherwise be baked into the program as
-constants); this module builds the methods, runs them over seeds with
-timing, and writes the table and the learning-rate figure.
+& Barnett) on the same AdamW direction. Training is
+:func:`_common.train_minibatch`; this module builds the methods, runs them
+over seeds with timing, and writes the table and the learning-rate figure.
 """
 
 from __future__ import annotations
@@ -23,9 +21,8 @@ import optax
 from optax import contrib
 
 import hidlr_optax
-from tqdm.auto import tqdm
 
-from _common import Method, Timer, markdown_table, minibatch_epoch, plot_rates, save_figure
+from _common import Method, Timer, markdown_table, plot_rates, save_figure
 
 Labels = Any
 RateCurve = Callable[[np.ndarray, float], dict[str, np.ndarray]]
@@ -142,86 +139,6 @@ def learning_rate_free(weight_decay: float) -> list[Entry]:
   ]
 
 
-def train_arrays(
-    loss_fn: Callable,
-    metrics_fn: Callable[..., dict],
-    params: Any,
-    entry: Entry,
-    train: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray],
-    *,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-) -> dict:
-  """Trains ``entry`` (all grid points vmapped) on in-memory arrays.
-
-  Same batches for every method and grid point (same ``seed``); Hi-DLR probes
-  as ``entry.probe`` says (see :func:`_common.minibatch_epoch`).
-
-  Args:
-    loss_fn: ``(params, x, y) -> scalar``.
-    metrics_fn: ``(params, x, y) -> {name: scalar}`` on a whole split.
-    params: initial parameters.
-    entry: the method.
-    train: ``(x, y)`` training arrays.
-    test: ``(x, y)`` test arrays.
-    epochs: passes over the training set.
-    batch_size: mini-batch size (a last partial batch is dropped).
-    seed: seed of the batch order.
-
-  Returns:
-    ``step_loss`` (``(..., steps)``), ``lr`` (``{label: (..., steps)}``, empty
-    for methods other than Hi-DLR), and ``train_<m>`` / ``test_<m>`` after
-    every epoch (``(..., epochs)``), as NumPy arrays with a leading grid axis
-    for grid methods; for Hi-DLR also ``num_accepted`` (``{label: count}``)
-    and ``num_refreshes`` from the final state.
-  """
-  method = entry.method
-
-  def epoch(hp, p, s, data, perms):
-    return minibatch_epoch(loss_fn, method, hp, p, s, data, perms, batch_size, entry.probe)
-
-  def evaluate(hp, p, s, tr, te):
-    q = p if method.eval_params is None else method.eval_params(s, p)
-    return {
-        **{f"train_{k}": v for k, v in metrics_fn(q, *tr).items()},
-        **{f"test_{k}": v for k, v in metrics_fn(q, *te).items()},
-    }
-
-  init = lambda hp, p: method.make_tx(hp).init(p)
-  grid = method.grid
-  p = params
-  if grid is None:
-    init, epoch, evaluate = jax.jit(init), jax.jit(epoch), jax.jit(evaluate)
-  else:
-    init = jax.jit(jax.vmap(init, in_axes=(0, None)))
-    epoch = jax.jit(jax.vmap(epoch, in_axes=(0, 0, 0, None, None)))
-    evaluate = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, 0, None, None)))
-    p = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(grid),) + x.shape), params)
-  train = tuple(jnp.asarray(a) for a in train)
-  test = tuple(jnp.asarray(a) for a in test)
-  s = init(grid, params)
-  key = jax.random.key(seed)
-  n = train[0].shape[0]
-  evals, steps = [], []
-  for _ in tqdm(range(epochs), desc=entry.name, leave=False):
-    key, k1, k2 = jax.random.split(key, 3)
-    perms = jnp.stack([jax.random.permutation(k1, n), jax.random.permutation(k2, n)])
-    p, s, record = epoch(grid, p, s, train, perms)
-    steps.append(jax.device_get(record))
-    evals.append(jax.device_get(evaluate(grid, p, s, train, test)))
-  axis = 0 if grid is None else 1
-  out = jax.tree.map(lambda *xs: np.stack(xs, axis=axis), *evals)
-  record = jax.tree.map(lambda *xs: np.concatenate(xs, axis=axis), *steps)
-  out["step_loss"], out["lr"] = record["loss"], record["lr"]
-  states = hidlr_optax.find_states(s)
-  if states:
-    out["num_accepted"] = jax.device_get(states[0].num_accepted)
-    out["num_refreshes"] = int(states[0].num_refreshes)
-  return out
-
-
 @dataclasses.dataclass
 class SeedRuns:
   """Results of one method over seeds.
@@ -258,7 +175,8 @@ def run_seeds(
   Args:
     entries: the methods.
     seeds: the seeds.
-    train: ``(entry, seed) -> history`` (a :func:`train_arrays` record).
+    train: ``(entry, seed) -> history`` (a :func:`_common.train_minibatch`
+      record).
     summarise: ``history -> {metric: value}`` for one grid point.
     select_by: the metric that picks a grid point.
     larger_is_better: whether a larger ``select_by`` is better.

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     RESULTS_DIR, command_line, load_california_housing, mlp_apply, mlp_init,
-    standardize, train_test_split, write_results,
+    standardize, train_minibatch, train_test_split, write_results,
 )
 import _realdata_common as rc  # noqa: E402
 
@@ -47,6 +47,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--peaks", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
   p.add_argument("--update-every", type=int, default=8, help="Hi-DLR's Phi")
   p.add_argument("--weight-decay", type=float, default=1e-4)
+  p.add_argument(
+      "--joint-check", action=argparse.BooleanOptionalAction, default=True,
+      help="Hi-DLR's joint check (scale_by_hidlr(joint_check=...))",
+  )
   p.add_argument("--methods", nargs="+", default=None, help="run only these method names")
   p.add_argument("--out", type=Path, default=RESULTS_DIR)
   return p.parse_args(argv)
@@ -81,20 +85,21 @@ def make_model(name: str) -> tuple[Callable, Callable, dict[str, Any], str]:
 
 def build_entries(args, steps: int, groups: dict[str, Any]) -> list[rc.Entry]:
   wd, lr, phi = args.weight_decay, args.lr, args.update_every
+  common = dict(weight_decay=wd, update_every=phi, joint_check=args.joint_check)
   hidlr = [
-      rc.hidlr_entry(f"Hi-DLR ({name})", lr, labels, weight_decay=wd, update_every=phi)
+      rc.hidlr_entry(f"Hi-DLR ({name})", lr, labels, **common)
       for name, labels in groups.items()
   ]
   first = next(iter(groups))
   own = rc.hidlr_entry(
       f"Hi-DLR ({first}), own-batch probes", lr, groups[first],
-      weight_decay=wd, update_every=phi, probe="same",
+      **common, probe="same",
   )
   full = rc.hidlr_entry(
       f"Hi-DLR ({first}), full fit", lr, groups[first],
-      weight_decay=wd, update_every=phi, fit="full",
+      **common, fit="full",
   )
-  hiulr = rc.hidlr_entry("Hi-ULR (GeN)", lr, None, weight_decay=wd, update_every=phi)
+  hiulr = rc.hidlr_entry("Hi-ULR (GeN)", lr, None, **common)
   schedules = [
       rc.scheduled_adamw(f"AdamW {kind}", kind, args.peaks, steps, weight_decay=wd)
       for kind in ("constant", "linear", "cosine")
@@ -121,9 +126,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     return {"mse": loss_fn(p, x, y)}
 
   def run(entry: rc.Entry, seed: int) -> dict:
-    return rc.train_arrays(
-        loss_fn, metrics_fn, init(seed), entry, train, test,
-        epochs=epochs, batch_size=args.batch_size, seed=seed,
+    return train_minibatch(
+        loss_fn, metrics_fn, init(seed), entry.method, train, test,
+        epochs=epochs, batch_size=args.batch_size, seed=seed, probe=entry.probe,
     )
 
   entries = build_entries(args, steps, groups)

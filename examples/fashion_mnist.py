@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, command_line, write_results  # noqa: E402
+from _common import RESULTS_DIR, command_line, train_minibatch, write_results  # noqa: E402
 import _realdata_common as rc  # noqa: E402
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -47,6 +47,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--peaks", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
   p.add_argument("--update-every", type=int, default=4, help="Hi-DLR's Phi")
   p.add_argument("--weight-decay", type=float, default=1e-2)
+  p.add_argument(
+      "--joint-check", action=argparse.BooleanOptionalAction, default=True,
+      help="Hi-DLR's joint check (scale_by_hidlr(joint_check=...))",
+  )
   p.add_argument("--methods", nargs="+", default=None, help="run only these method names")
   p.add_argument("--data-dir", type=Path, default=DATA_DIR)
   p.add_argument("--out", type=Path, default=RESULTS_DIR)
@@ -111,18 +115,19 @@ def groupings(params: Any) -> dict[str, Any]:
 
 def build_entries(args, steps: int, params) -> list[rc.Entry]:
   wd, lr, phi = args.weight_decay, args.lr, args.update_every
+  common = dict(weight_decay=wd, update_every=phi, joint_check=args.joint_check)
   schedules = [
       rc.scheduled_adamw(f"AdamW {kind}", kind, args.peaks, steps, weight_decay=wd)
       for kind in ("constant", "linear", "cosine")
   ]
   hidlr = [
-      rc.hidlr_entry(f"Hi-DLR ({name})", lr, labels, weight_decay=wd, update_every=phi)
+      rc.hidlr_entry(f"Hi-DLR ({name})", lr, labels, **common)
       for name, labels in groupings(params).items()
   ]
-  hiulr = rc.hidlr_entry("Hi-ULR (GeN)", lr, None, weight_decay=wd, update_every=phi)
+  hiulr = rc.hidlr_entry("Hi-ULR (GeN)", lr, None, **common)
   own = rc.hidlr_entry(
       "Hi-DLR (head), own-batch probes", lr, groupings(params)["head"],
-      weight_decay=wd, update_every=phi, probe="same",
+      **common, probe="same",
   )
   return [*hidlr, own, hiulr, *rc.learning_rate_free(wd), *schedules]
 
@@ -152,9 +157,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     return {"loss": losses.mean(), "accuracy": accs.mean()}
 
   def run(entry: rc.Entry, seed: int) -> dict:
-    return rc.train_arrays(
-        loss_fn, metrics_fn, init(seed), entry, train, test,
-        epochs=epochs, batch_size=batch, seed=seed,
+    return train_minibatch(
+        loss_fn, metrics_fn, init(seed), entry.method, train, test,
+        epochs=epochs, batch_size=batch, seed=seed, probe=entry.probe,
     )
 
   entries = build_entries(args, steps, init(0))

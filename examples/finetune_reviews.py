@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bert  # noqa: E402
-from _common import RESULTS_DIR, command_line, write_results  # noqa: E402
+from _common import RESULTS_DIR, command_line, train_minibatch, write_results  # noqa: E402
 import _realdata_common as rc  # noqa: E402
 
 CACHE_DIR = Path(tempfile.gettempdir()) / "hidlr_optax_cache"
@@ -55,6 +55,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument(
       "--peaks", type=float, nargs="+", default=[1e-4, 4e-4, 1.6e-3],
       help="grid of AdamW / LoRA+ peak rates (picked by mean test accuracy)",
+  )
+  p.add_argument(
+      "--joint-check", action=argparse.BooleanOptionalAction, default=True,
+      help="Hi-DLR's joint check (scale_by_hidlr(joint_check=...))",
   )
   p.add_argument("--methods", nargs="+", default=None, help="run only these method names")
   p.add_argument("--update-every", type=int, default=8, help="Hi-DLR's Phi")
@@ -142,9 +146,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       values, accs = jax.lax.map(one, chunks)
       return {"loss": values.mean(), "accuracy": accs.mean()}
 
-    return rc.train_arrays(
-        loss, metrics, trainable, entry, (x_tr, y_tr), (x_te, y_te),
-        epochs=args.epochs, batch_size=args.batch_size, seed=seed,
+    return train_minibatch(
+        loss, metrics, trainable, entry.method, (x_tr, y_tr), (x_te, y_te),
+        epochs=args.epochs, batch_size=args.batch_size, seed=seed, probe=entry.probe,
     )
 
   labels = bert.lora_labels(bert.split_trainable(params)[0])
@@ -164,6 +168,7 @@ def _in_top(path: tuple, stop: int) -> bool:
 def build_entries(args: argparse.Namespace, steps: int, labels) -> list[rc.Entry]:
   """The compared methods (paper Table 1 recipe: AdamW, cosine, 3% warm-up)."""
   wd, lr, phi, peaks = args.weight_decay, args.lr, args.update_every, args.peaks
+  common = dict(weight_decay=wd, update_every=phi, joint_check=args.joint_check)
   groups = {"lora_a": 1.0, "lora_b": 16.0, "head": 1.0}
   return [
       rc.scheduled_adamw(
@@ -174,12 +179,12 @@ def build_entries(args: argparse.Namespace, steps: int, labels) -> list[rc.Entry
           warmup_fraction=0.03, group_scales=groups, labels=labels,
       ),
       *rc.learning_rate_free(wd),
-      rc.hidlr_entry("Hi-ULR (GeN)", lr, None, weight_decay=wd, update_every=phi),
+      rc.hidlr_entry("Hi-ULR (GeN)", lr, None, **common),
       rc.hidlr_entry(
           "Hi-DLR A/B/head, own-batch probes", lr, labels,
-          weight_decay=wd, update_every=phi, probe="same",
+          **common, probe="same",
       ),
-      rc.hidlr_entry("Hi-DLR A/B/head", lr, labels, weight_decay=wd, update_every=phi),
+      rc.hidlr_entry("Hi-DLR A/B/head", lr, labels, **common),
   ]
 
 

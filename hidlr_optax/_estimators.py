@@ -109,7 +109,7 @@ def probe_estimate(
     scales: np.ndarray,
     *,
     full: bool,
-    value: Union[jax.Array, None],
+    origin: jax.Array,
     batch_size: Union[int, None],
 ) -> Estimate:
   """Estimates the model from loss values at probe points (Algorithm 1).
@@ -128,7 +128,6 @@ def probe_estimate(
     losses = _losses_chunked(
         value_fn, params, directions, layout, rates, scales, full, batch_size
     )
-  origin = value_fn(params) if value is None else value
   dtype = fit_dtype(losses)
   deltas = losses.astype(dtype) - jnp.asarray(origin, dtype)
   diag = _fit.fit_quadratics(deltas[:k], scales)

@@ -86,7 +86,63 @@ def next_rates(
   smoothed = smoothing * rates + (1 - smoothing) * target
   predicted_increase = rates > 2 * proposal.optimal_rates
   new = jnp.where(predicted_increase, proposal.optimal_rates, smoothed)
-  new = jnp.maximum(new, min_learning_rate)
-  if max_learning_rate is not None:
-    new = jnp.minimum(new, max_learning_rate)
+  new = bound(new, min_learning_rate, max_learning_rate)
   return jnp.where(proposal.accepted, new, rates).astype(rates.dtype)
+
+
+def bound(
+    rates: jax.Array,
+    min_learning_rate: Scalar,
+    max_learning_rate: Union[Scalar, None],
+) -> jax.Array:
+  """Clips rates to ``[min_learning_rate, max_learning_rate]``."""
+  rates = jnp.maximum(rates, min_learning_rate)
+  if max_learning_rate is not None:
+    rates = jnp.minimum(rates, max_learning_rate)
+  return rates
+
+
+def joint_factor(
+    slopes: jax.Array,
+    rates: jax.Array,
+    origin: jax.Array,
+    joint_loss: jax.Array,
+) -> jax.Array:
+  r"""The factor ``t`` by which to scale every rate after the joint check.
+
+  The per-group fits ignore the curvature between groups, so their steps,
+  each right on its own, can overshoot together. One loss value along the
+  combined step ``s = sum_k eta_k d_k`` with the new rates tells: with the
+  fitted slopes ``b_k``, the loss along ``w - t s`` is modelled as
+
+  .. math::
+
+    f(t) = -S t + c t^2, \quad S = \sum_k \eta_k b_k, \quad
+    c = \Delta L + S,
+
+  where ``Delta L = L(w - s) - L(w)`` is measured, and its minimiser is
+  ``t* = S / (2c)``. The factor is ``t*`` when the combined step lands past
+  that minimum (``S > 0`` and ``Delta L > -S / 2``), and 1 otherwise: rates
+  only shrink. When ``L(w)`` is finite but ``L(w - s)`` is not, the factor is
+  ``1 / K``, the average of the groups' single steps, which cannot increase a
+  convex loss if none of them does.
+
+  Args:
+    slopes: ``b_k`` per unit rate, shape ``(K,)``; non-finite ones (from a
+      group whose probes failed) are left out of ``S``.
+    rates: the new rates, shape ``(K,)``.
+    origin: ``L(w)``.
+    joint_loss: ``L(w - s)``.
+
+  Returns:
+    A scalar in ``(0, 1]``, of the rates' dtype.
+  """
+  dtype = rates.dtype
+  origin, joint_loss = jnp.asarray(origin, dtype), jnp.asarray(joint_loss, dtype)
+  decrease = jnp.sum(jnp.where(jnp.isfinite(slopes), rates * slopes, 0))
+  curvature = joint_loss - origin + decrease
+  overshoot = (decrease > 0) & (2 * curvature > decrease)
+  factor = decrease / jnp.where(overshoot, 2 * curvature, 1)
+  factor = jnp.where(overshoot, factor, 1)
+  blown_up = jnp.isfinite(origin) & ~jnp.isfinite(joint_loss)
+  return jnp.where(blown_up, 1 / rates.shape[0], factor).astype(dtype)

@@ -35,6 +35,9 @@ class ScaleByHiDLRState(NamedTuple):
     fits: ``{label: GroupFit}``, diagnostics of the last refresh.
     num_refreshes: number of refreshes tried (int32).
     num_accepted: ``{label: n}``, refreshes that changed each group's rate.
+    joint_factor: the factor by which the joint check of the last refresh
+      scaled every rate (1: the combined step behaved as the per-group fits
+      predicted, or ``K = 1``, or ``joint_check=False``).
   """
 
   count: jax.Array
@@ -42,6 +45,7 @@ class ScaleByHiDLRState(NamedTuple):
   fits: dict[Label, GroupFit]
   num_refreshes: jax.Array
   num_accepted: dict[Label, jax.Array]
+  joint_factor: jax.Array
 
 
 def _value(x: Any) -> Any:

@@ -25,7 +25,7 @@ LearningRate = Union[Scalar, Mapping[Label, Scalar]]
 
 #: Arguments of :func:`scale_by_hidlr` that ``optax.inject_hyperparams`` must
 #: treat as static (pass them as ``static_args``).
-STATIC_ARGS = ("param_labels", "update_every", "probe_batch_size")
+STATIC_ARGS = ("param_labels", "update_every", "probe_batch_size", "joint_check")
 
 _FITS = ("diagonal", "full")
 _ESTIMATORS = ("probe", "jvp")
@@ -57,6 +57,7 @@ def _resolve_batch_size(probe_batch_size: Union[int, str, None]) -> Union[int, N
 def _validate(
     learning_rate, update_every, smoothing, min_r2, fit, estimator, accept,
     max_growth, min_learning_rate, max_learning_rate, probe_batch_size,
+    joint_check,
 ) -> None:
   """Checks hyperparameters at construction (concrete values only)."""
   _check_choice("fit", fit, _FITS)
@@ -93,6 +94,12 @@ def _validate(
         "scale_by_hidlr: probe_batch_size must be None, 'auto' or a Python int"
         f" >= 1, got {probe_batch_size!r} (with optax.inject_hyperparams, list"
         f" it in static_args: hidlr_optax.STATIC_ARGS = {STATIC_ARGS})"
+    )
+  if not isinstance(joint_check, (bool, np.bool_)):
+    raise ValueError(
+        f"scale_by_hidlr: joint_check must be a Python bool, got {joint_check!r}"
+        f" (with optax.inject_hyperparams, list it in static_args:"
+        f" hidlr_optax.STATIC_ARGS = {STATIC_ARGS})"
     )
 
 
@@ -131,6 +138,7 @@ def scale_by_hidlr(
     min_learning_rate: Scalar = 0.0,
     max_learning_rate: Union[Scalar, None] = None,
     probe_batch_size: Union[int, str, None] = "auto",
+    joint_check: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales the base direction by per-group learning rates set by Hi-DLR.
 
@@ -163,6 +171,16 @@ def scale_by_hidlr(
   :math:`\eta_k > 2\eta^*_k` (the fit predicts that the current rate increases
   the loss) the rate drops to :math:`\eta^*_k` at once. Rates are then clipped
   to ``[min_learning_rate, max_learning_rate]``. With ``K = 1`` this is GeN.
+
+  With ``K > 1`` and ``joint_check=True``, one more loss value, at the
+  combined step ``w - sum_k eta_k d_k`` with the new rates, checks what the
+  diagonal fit cannot see, the curvature between groups: if the combined step
+  lands past the minimum of the quadratic through ``L(w)`` with slope
+  ``-sum_k eta_k b_k`` and that value, every rate is scaled by that
+  quadratic's minimiser ``t* < 1`` (see ``joint_factor`` in
+  ``hidlr_optax._rule``). Groups whose directions act alike (e.g. the output
+  biases of an additive model's feature networks) would otherwise each take
+  the whole step and together overshoot ``K``-fold.
 
   ``update`` needs the extra keyword argument ``value_fn``, a function
   ``params -> scalar loss`` built inside the training step (as for optax's
@@ -203,6 +221,9 @@ def scale_by_hidlr(
       ``jax.lax.map`` in chunks of that size, so at most that many moved
       copies of the parameters are alive whatever the number of groups
       (least memory).
+    joint_check: for ``K > 1``, check the combined step after each refresh
+      and shrink all rates when it overshoots (one extra forward per
+      refresh); ``False`` for the paper's rule alone.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes
@@ -239,6 +260,7 @@ def scale_by_hidlr(
   _validate(
       learning_rate, update_every, smoothing, min_r2, fit, estimator, accept,
       max_growth, min_learning_rate, max_learning_rate, probe_batch_size,
+      joint_check,
   )
   scales = _fit.check_probe_scales(probe_scales)
   full = fit == "full"
@@ -254,15 +276,26 @@ def scale_by_hidlr(
         fits=_empty_fits(layout, dtype),
         num_refreshes=zero,
         num_accepted={label: zero for label in layout.labels},
+        joint_factor=jnp.ones((), dtype),
     )
 
-  def estimate(value_fn, params, directions, layout, rates, value):
+  def estimate(value_fn, params, directions, layout, rates, origin):
     if estimator == "jvp":
       return _estimators.jvp_estimate(value_fn, params, directions, layout, rates, full=full)
     return _estimators.probe_estimate(
         value_fn, params, directions, layout, rates, scales,
-        full=full, value=value, batch_size=_resolve_batch_size(probe_batch_size),
+        full=full, origin=origin, batch_size=_resolve_batch_size(probe_batch_size),
     )
+
+  def check_jointly(value_fn, params, directions, layout, slopes, rates, origin):
+    """Scales every rate by :func:`_rule.joint_factor`; returns both."""
+    if not joint_check or layout.num_groups == 1:
+      return rates, jnp.ones((), rates.dtype)
+    every_group = np.ones(layout.num_groups, bool)
+    joint_loss = value_fn(layout.move(params, rates, directions, every_group))
+    factor = _rule.joint_factor(slopes, rates, origin, joint_loss)
+    rates = _rule.bound(rates * factor, min_learning_rate, max_learning_rate)
+    return rates.astype(factor.dtype), factor
 
   def update_fn(
       updates: optax.Updates,
@@ -295,12 +328,17 @@ def scale_by_hidlr(
     old_fits = _stack_fits(layout, state.fits)
 
     def refresh(rates):
-      est = estimate(value_fn, params, updates, layout, rates, value)
+      needs_origin = estimator == "probe" or (joint_check and layout.num_groups > 1)
+      origin = value_fn(params) if value is None and needs_origin else value
+      est = estimate(value_fn, params, updates, layout, rates, origin)
       proposal = _rule.propose(est, rates, min_r2=min_r2, accept=accept, full=full)
       new_rates = _rule.next_rates(
           rates, proposal,
           smoothing=smoothing, max_growth=max_growth,
           min_learning_rate=min_learning_rate, max_learning_rate=max_learning_rate,
+      )
+      new_rates, factor = check_jointly(
+          value_fn, params, updates, layout, est.slope / rates, new_rates, origin
       )
       fit_now = GroupFit(
           slope=est.slope / rates,
@@ -309,11 +347,11 @@ def scale_by_hidlr(
           accepted=proposal.accepted,
       )
       fit_now = GroupFit(*(x.astype(y.dtype) for x, y in zip(fit_now, old_fits)))
-      return new_rates, fit_now
+      return new_rates, fit_now, factor.astype(state.joint_factor.dtype)
 
     do_refresh = state.count % update_every == 0
-    new_rates, fits = jax.lax.cond(
-        do_refresh, refresh, lambda r: (r, old_fits), rates
+    new_rates, fits, joint = jax.lax.cond(
+        do_refresh, refresh, lambda r: (r, old_fits, state.joint_factor), rates
     )
     counted = do_refresh.astype(jnp.int32)
     accepted_now = (fits.accepted & do_refresh).astype(jnp.int32)
@@ -330,6 +368,7 @@ def scale_by_hidlr(
         },
         num_refreshes=state.num_refreshes + counted,
         num_accepted=_as_dict(layout, num_accepted),
+        joint_factor=joint,
     )
     return updates, new_state
 

@@ -216,17 +216,122 @@ def test_non_finite_probe_losses_leave_rate_unchanged(bad):
     moved = jnp.any(p["a"] != origin["a"])
     return jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 2) + jnp.where(moved, bad, 0.0)
 
-  tx = hidlr_optax.hidlr(optax.identity(), 1e-2, {"a": "a", "b": "b"}, smoothing=0.0)
-  new_params, state, updates = jax.jit(functools.partial(sgd_step, tx, loss=loss))(
-      params, tx.init(params)
-  )
-  rates = hidlr_optax.learning_rates(state)
-  assert float(rates["a"]) == pytest.approx(1e-2)  # rejected, unchanged
-  assert float(rates["b"]) != pytest.approx(1e-2)  # the healthy group moved
-  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
-  inner = hidlr_optax.find_states(state)[0]
-  assert int(inner.num_refreshes) == 1
-  assert int(inner.num_accepted["a"]) == 0 and int(inner.num_accepted["b"]) == 1
+  labels = {"a": "a", "b": "b"}
+  out = {}
+  for joint_check in (False, True):
+    tx = hidlr_optax.hidlr(
+        optax.identity(), 1e-2, labels, smoothing=0.0, joint_check=joint_check
+    )
+    _, state, updates = jax.jit(functools.partial(sgd_step, tx, loss=loss))(
+        params, tx.init(params)
+    )
+    out[joint_check] = {k: float(v) for k, v in hidlr_optax.learning_rates(state).items()}
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+    inner = hidlr_optax.find_states(state)[0]
+    assert int(inner.num_refreshes) == 1
+    assert int(inner.num_accepted["a"]) == 0 and int(inner.num_accepted["b"]) == 1
+  assert out[False]["a"] == pytest.approx(1e-2)  # rejected, unchanged
+  assert out[False]["b"] != pytest.approx(1e-2)  # the healthy group moved
+  # The combined step moves 'a' too, so its loss is not finite: the joint check
+  # falls back to the average of the K = 2 single steps.
+  for k in labels:
+    assert out[True][k] == pytest.approx(out[False][k] / 2, rel=1e-6)
+
+
+def test_joint_check_falls_back_to_the_average_step_when_the_combined_loss_blows_up():
+  params = {"a": jnp.ones(3), "b": jnp.ones(2), "c": jnp.ones(2)}
+  origin = params
+
+  def loss(p):
+    both = jnp.any(p["a"] != origin["a"]) & jnp.any(p["b"] != origin["b"])
+    return sum(jnp.sum(x**2) for x in jax.tree.leaves(p)) + jnp.where(both, jnp.inf, 0.0)
+
+  labels = {k: k for k in params}
+  out = {}
+  for joint_check in (False, True):
+    tx = hidlr_optax.hidlr(
+        optax.identity(), 1e-2, labels, smoothing=0.0, joint_check=joint_check
+    )
+    _, state, _ = sgd_step(tx, params, tx.init(params), loss)
+    out[joint_check] = {k: float(v) for k, v in hidlr_optax.learning_rates(state).items()}
+  # Each group alone is fine, so all three are accepted; together they are not:
+  # every rate drops to 1/3 of its fitted value.
+  for k in labels:
+    assert out[True][k] == pytest.approx(out[False][k] / 3, rel=1e-6)
+
+
+# --------------------------------------------------------------------------
+# The joint check.
+
+
+def collinear_loss(p):
+  """(sum_k w_k - 3)^2: every group moves the same output."""
+  return (sum(jnp.sum(x) for x in jax.tree.leaves(p)) - 3.0) ** 2
+
+
+@pytest.mark.parametrize("num_groups", [2, 4])
+def test_joint_check_shrinks_collinear_groups_to_the_joint_minimum(num_groups):
+  # Alone, each group's fitted rate is 1/2 and solves the problem; together the
+  # K steps overshoot K-fold (residual r -> (1 - K) r). The joint quadratic
+  # through L(w - sum eta_k d_k) gives t* = 1/K, which lands on the minimum.
+  with jax.enable_x64(True):
+    params = {f"w{k}": jnp.zeros((), jnp.float64) for k in range(num_groups)}
+    labels = {k: k for k in params}
+    final = {}
+    for joint_check in (False, True):
+      tx = hidlr_optax.hidlr(
+          optax.identity(), 1e-2, labels, smoothing=0.0, max_growth=None,
+          joint_check=joint_check,
+      )
+      new, state, _ = sgd_step(tx, params, tx.init(params), collinear_loss)
+      rates = hidlr_optax.learning_rates(state)
+      inner = hidlr_optax.find_states(state)[0]
+      expected = 0.5 / num_groups if joint_check else 0.5
+      for k in labels:
+        np.testing.assert_allclose(float(rates[k]), expected, rtol=1e-8)
+      np.testing.assert_allclose(
+          float(inner.joint_factor), 1 / num_groups if joint_check else 1.0, rtol=1e-8
+      )
+      final[joint_check] = float(collinear_loss(new))
+    assert final[True] < 1e-20
+    np.testing.assert_allclose(final[False], (num_groups - 1) ** 2 * 9.0, rtol=1e-8)
+
+
+def test_joint_check_leaves_separable_groups_alone():
+  # On the ellipse the groups do not interact: the combined step is exactly
+  # what the per-group fits predict, so no rate shrinks.
+  with jax.enable_x64(True):
+    params = {"x": jnp.array(50.0), "y": jnp.array(1.0)}
+    loss = lambda p: p["x"] ** 2 + 100 * p["y"] ** 2
+    tx = hidlr_optax.hidlr(
+        optax.identity(), 1e-3, {"x": "x", "y": "y"}, smoothing=0.9
+    )
+    _, state, _ = sgd_step(tx, params, tx.init(params), loss)
+    assert float(hidlr_optax.find_states(state)[0].joint_factor) == 1.0
+
+
+def test_joint_factor_rule():
+  from hidlr_optax import _rule
+
+  def f(slopes, origin, joint):
+    return float(_rule.joint_factor(
+        jnp.asarray(slopes), jnp.ones(len(slopes)), jnp.asarray(origin), jnp.asarray(joint)
+    ))
+
+  # S = 1 * 2 + 1 * 2 = 4. Landing at or before the quadratic's minimum
+  # (Delta L <= -S / 2) keeps the rates; past it, t* = S / (2 (Delta L + S)).
+  assert f([2.0, 2.0], 10.0, 7.0) == 1.0
+  assert f([2.0, 2.0], 10.0, 8.0) == 1.0
+  assert f([2.0, 2.0], 10.0, 10.0) == pytest.approx(0.5)
+  assert f([2.0, 2.0], 10.0, 14.0) == pytest.approx(0.25)
+  # A non-finite slope is left out of S; no predicted decrease, no information.
+  assert f([jnp.nan, 2.0], 10.0, 14.0) == pytest.approx(2 / 12)
+  assert f([-2.0, 1.0], 10.0, 14.0) == 1.0
+  # A non-finite combined loss: the average of the single steps (1/K).
+  assert f([2.0, 2.0, 2.0], 10.0, jnp.inf) == pytest.approx(1 / 3)
+  assert f([2.0, 2.0], 10.0, jnp.nan) == pytest.approx(1 / 2)
+  # A non-finite origin: nothing to compare with.
+  assert f([2.0, 2.0], jnp.nan, jnp.nan) == 1.0
 
 
 def test_zero_direction_is_rejected_not_nan():
@@ -303,6 +408,29 @@ def test_value_argument_saves_the_origin_forward():
   assert counts == [5, 4]
 
 
+def test_joint_check_costs_one_forward_per_refresh_and_only_for_several_groups():
+  calls = []
+
+  def loss(p):
+    jax.debug.callback(lambda: calls.append(1))
+    return jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 2)
+
+  p = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  counts = {}
+  for labels, joint_check in [({"a": "a", "b": "b"}, True), ({"a": "a", "b": "b"}, False),
+                              (None, True)]:
+    jax.effects_barrier()
+    calls.clear()
+    tx = hidlr_optax.hidlr(
+        optax.identity(), 1e-2, labels, probe_batch_size=1, joint_check=joint_check
+    )
+    tx.update(p, tx.init(p), p, value_fn=loss)
+    jax.effects_barrier()
+    counts[labels is not None, joint_check] = len(calls)
+  # 4 probes per group + the origin (+ the combined step for K > 1)
+  assert counts == {(True, True): 10, (True, False): 9, (False, True): 5}
+
+
 # --------------------------------------------------------------------------
 # Probe batching.
 
@@ -364,6 +492,7 @@ def test_missing_value_fn_and_params():
         (dict(accept="some"), "accept"),
         (dict(probe_batch_size=0), "probe_batch_size"),
         (dict(probe_batch_size="big"), "probe_batch_size"),
+        (dict(joint_check="yes"), "joint_check"),
     ],
 )
 def test_bad_hyperparameters_fail_at_construction(kwargs, match):

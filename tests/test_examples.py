@@ -84,6 +84,9 @@ def test_lora_synthetic(tmp_path):
   assert float(hidlr["loss"][-1]) < 0.2 * float(hidlr["loss"][0])
   # LoRA+'s point: B wants a larger rate than A, and Hi-DLR finds it.
   assert float(hidlr["lr"]["B"][-1]) > 2 * float(hidlr["lr"]["A"][-1])
+  per_rank = results["Hi-DLR (A, B per rank: 8 groups)"]
+  assert sorted(per_rank["lr"]) == [f"{f}{i}" for f in "AB" for i in range(4)]
+  assert float(per_rank["loss"][-1]) < 0.2 * float(per_rank["loss"][0])
 
 
 def test_mixture_of_experts(tmp_path):

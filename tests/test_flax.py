@@ -47,14 +47,20 @@ def test_nnx_example_trains():
   assert out["test_accuracy"] > 0.85
 
 
-def test_nnx_optimizer_matches_plain_optax_on_the_pure_state():
+# The joint check compares two nearly equal losses (L(w - s) - L(w) + S against
+# S / 2), so the float32 rounding that differs between the two compiled
+# programs reaches the rates at ~1e-4 relative after a few refreshes; without
+# it the two paths agree to 1e-5.
+@pytest.mark.parametrize("joint_check, rtol", [(False, 1e-5), (True, 1e-3)])
+def test_nnx_optimizer_matches_plain_optax_on_the_pure_state(joint_check, rtol):
   """nnx.Optimizer + value_fn on the pure state == tx.update on the same arrays."""
   (x, y), (xp, yp) = _data(0), _data(1)
   model = flax_nnx.MLP(64, 16, 10, rngs=nnx.Rngs(0))
   graphdef, params0, rest = nnx.split(model, nnx.Param, ...)
   params0 = nnx.as_pure(params0)
   tx = hidlr_optax.hidlr(
-      optax.scale_by_adam(), 1e-2, hidlr_optax.labels.head_vs_body(), update_every=2
+      optax.scale_by_adam(), 1e-2, hidlr_optax.labels.head_vs_body(), update_every=2,
+      joint_check=joint_check,
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -72,9 +78,9 @@ def test_nnx_optimizer_matches_plain_optax_on_the_pure_state():
     flax_nnx.train_step(model, optimizer, (x, y), (xp, yp))
     params, state = plain_step(params, state)
 
-  _tree_close(nnx.as_pure(nnx.state(model, nnx.Param)), params, rtol=1e-5, atol=1e-6)
+  _tree_close(nnx.as_pure(nnx.state(model, nnx.Param)), params, rtol=rtol, atol=rtol / 10)
   nnx_rates = hidlr_optax.learning_rates(optimizer.opt_state)
-  _tree_close(nnx_rates, hidlr_optax.learning_rates(state), rtol=1e-5)
+  _tree_close(nnx_rates, hidlr_optax.learning_rates(state), rtol=rtol)
   # Refreshes at steps 0, 2, 4 moved the rates.
   assert all(float(r) != pytest.approx(1e-2) for r in nnx_rates.values())
 

@@ -3,7 +3,7 @@
 The initial learning rate, ``smoothing``, ``min_r2`` and ``max_growth`` become
 arrays in the state: one compiled step serves every value, values can change
 between steps, and sweeps can be ``jax.vmap``-ed. ``param_labels``,
-``update_every`` and ``probe_batch_size`` are static
+``update_every``, ``probe_batch_size`` and ``joint_check`` are static
 (``hidlr_optax.STATIC_ARGS``).
 """
 
@@ -109,7 +109,9 @@ def test_max_growth_none_stays_static_and_unbounded():
 
 def test_min_r2_changed_between_steps():
   # A quartic loss is not quadratic along the step: R^2 < 1 but close to it.
-  tx = injected(learning_rate=0.05, smoothing=0.0, min_r2=0.9999, max_growth=None)
+  tx = injected(
+      learning_rate=0.05, smoothing=0.0, min_r2=0.9999, max_growth=None, joint_check=False
+  )
   stepper = Stepper(tx, quartic)
   params, state = stepper.step(START, tx.init(START))
   fits = hidlr_optax.fit_diagnostics(state)
