@@ -10,8 +10,10 @@ over seeds with timing, and writes the table and the learning-rate figure.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 import jax
@@ -22,7 +24,7 @@ from optax import contrib
 
 import hidlr_optax
 
-from _common import Method, Timer, markdown_table, plot_rates, save_figure
+from _common import RESULTS_DIR, Method, Timer, markdown_table, plot_rates, save_figure
 
 Labels = Any
 RateCurve = Callable[[np.ndarray, float], dict[str, np.ndarray]]
@@ -47,6 +49,42 @@ class Entry:
   @property
   def name(self) -> str:
     return self.method.name
+
+
+def benchmark_parser(
+    description: str,
+    *,
+    quick_help: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    peaks: Sequence[float],
+    update_every: int,
+    weight_decay: float,
+) -> argparse.ArgumentParser:
+  """The flags every real-data benchmark shares, with the script's defaults.
+
+  A script adds its own flags to the returned parser.
+  """
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--quick", action="store_true", help=quick_help)
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--epochs", type=int, default=epochs)
+  p.add_argument("--batch-size", type=int, default=batch_size)
+  p.add_argument("--lr", type=float, default=lr, help="Hi-DLR / Hi-ULR initial rate")
+  p.add_argument(
+      "--peaks", type=float, nargs="+", default=list(peaks),
+      help="grid of peak rates of the AdamW schedules (picked by the mean test score)",
+  )
+  p.add_argument("--update-every", type=int, default=update_every, help="Hi-DLR's Phi")
+  p.add_argument("--weight-decay", type=float, default=weight_decay)
+  p.add_argument(
+      "--joint-check", action=argparse.BooleanOptionalAction, default=True,
+      help="Hi-DLR's joint check (scale_by_hidlr(joint_check=...))",
+  )
+  p.add_argument("--methods", nargs="+", default=None, help="run only these method names")
+  p.add_argument("--out", type=Path, default=RESULTS_DIR)
+  return p
 
 
 def adamw_direction(weight_decay: float) -> optax.GradientTransformation:

@@ -30,29 +30,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    RESULTS_DIR, command_line, load_california_housing, mlp_apply, mlp_init,
+    command_line, load_california_housing, mlp_apply, mlp_init,
     standardize, train_minibatch, train_test_split, write_results,
 )
 import _realdata_common as rc  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
-  p.add_argument("--model", choices=("mlp", "nam"), default="mlp")
-  p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--epochs", type=int, default=50)
-  p.add_argument("--batch-size", type=int, default=256)
-  p.add_argument("--lr", type=float, default=1e-4, help="Hi-DLR / Hi-ULR initial rate")
-  p.add_argument("--peaks", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-  p.add_argument("--update-every", type=int, default=8, help="Hi-DLR's Phi")
-  p.add_argument("--weight-decay", type=float, default=1e-4)
-  p.add_argument(
-      "--joint-check", action=argparse.BooleanOptionalAction, default=True,
-      help="Hi-DLR's joint check (scale_by_hidlr(joint_check=...))",
+  p = rc.benchmark_parser(
+      __doc__.splitlines()[0], quick_help="1 seed, 2 epochs", epochs=50, batch_size=256,
+      lr=1e-4, peaks=[1e-3, 3e-3, 1e-2], update_every=8, weight_decay=1e-4,
   )
-  p.add_argument("--methods", nargs="+", default=None, help="run only these method names")
-  p.add_argument("--out", type=Path, default=RESULTS_DIR)
+  p.add_argument("--model", choices=("mlp", "nam"), default="mlp")
   return p.parse_args(argv)
 
 

@@ -31,29 +31,18 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, command_line, train_minibatch, write_results  # noqa: E402
+from _common import command_line, train_minibatch, write_results  # noqa: E402
 import _realdata_common as rc  # noqa: E402
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true", help="2,000 images, 1 seed, 1 epoch")
-  p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--epochs", type=int, default=3)
-  p.add_argument("--batch-size", type=int, default=500)
-  p.add_argument("--lr", type=float, default=1e-4, help="Hi-DLR / Hi-ULR initial rate")
-  p.add_argument("--peaks", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
-  p.add_argument("--update-every", type=int, default=4, help="Hi-DLR's Phi")
-  p.add_argument("--weight-decay", type=float, default=1e-2)
-  p.add_argument(
-      "--joint-check", action=argparse.BooleanOptionalAction, default=True,
-      help="Hi-DLR's joint check (scale_by_hidlr(joint_check=...))",
+  p = rc.benchmark_parser(
+      __doc__.splitlines()[0], quick_help="2,000 images, 1 seed, 1 epoch", epochs=3,
+      batch_size=500, lr=1e-4, peaks=[3e-4, 1e-3, 3e-3], update_every=4, weight_decay=1e-2,
   )
-  p.add_argument("--methods", nargs="+", default=None, help="run only these method names")
   p.add_argument("--data-dir", type=Path, default=DATA_DIR)
-  p.add_argument("--out", type=Path, default=RESULTS_DIR)
   return p.parse_args(argv)
 
 

@@ -36,34 +36,20 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bert  # noqa: E402
-from _common import RESULTS_DIR, command_line, train_minibatch, write_results  # noqa: E402
+from _common import command_line, train_minibatch, write_results  # noqa: E402
 import _realdata_common as rc  # noqa: E402
 
 CACHE_DIR = Path(tempfile.gettempdir()) / "hidlr_optax_cache"
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true", help="tiny subset, 1 seed, a few steps")
-  p.add_argument("--seeds", type=int, default=3)
+  p = rc.benchmark_parser(
+      __doc__.splitlines()[0], quick_help="tiny subset, 1 seed, a few steps", epochs=1,
+      batch_size=16, lr=4e-4, peaks=[1e-4, 4e-4, 1.6e-3], update_every=8, weight_decay=1e-2,
+  )
   p.add_argument("--max-length", type=int, default=64, help="WordPiece tokens per review")
   p.add_argument("--lora-layers", type=int, default=1, help="top layers with adapters")
   p.add_argument("--rank", type=int, default=8)
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--epochs", type=int, default=1)
-  p.add_argument("--lr", type=float, default=4e-4, help="Hi-DLR / Hi-ULR initial rate")
-  p.add_argument(
-      "--peaks", type=float, nargs="+", default=[1e-4, 4e-4, 1.6e-3],
-      help="grid of AdamW / LoRA+ peak rates (picked by mean test accuracy)",
-  )
-  p.add_argument(
-      "--joint-check", action=argparse.BooleanOptionalAction, default=True,
-      help="Hi-DLR's joint check (scale_by_hidlr(joint_check=...))",
-  )
-  p.add_argument("--methods", nargs="+", default=None, help="run only these method names")
-  p.add_argument("--update-every", type=int, default=8, help="Hi-DLR's Phi")
-  p.add_argument("--weight-decay", type=float, default=1e-2)
-  p.add_argument("--out", type=Path, default=RESULTS_DIR)
   return p.parse_args(argv)
 
 
