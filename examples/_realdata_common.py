@@ -280,6 +280,14 @@ def classification_summary(history: Mapping[str, Any]) -> dict[str, float]:
   return {k: float(history[k][-1]) for k in ("test_accuracy", "test_loss", "train_loss")}
 
 
+def classification_table(runs: Mapping[str, SeedRuns]) -> str:
+  """:func:`seeds_table` with test accuracy, test loss and train loss."""
+  return seeds_table(
+      runs,
+      [("test_accuracy", "test accuracy"), ("test_loss", "test loss"), ("train_loss", "train loss")],
+  )
+
+
 def fit_table(runs: Mapping[str, SeedRuns]) -> str:
   """Hi-DLR diagnostics of the first seed: final rate and accepted refreshes."""
   rows = []

@@ -154,10 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   entries = build_entries(args, steps, init(0))
   entries = rc.only_methods(entries, args.methods)
   runs = rc.run_seeds(entries, seeds, run, rc.classification_summary, "test_accuracy")
-  table = rc.seeds_table(
-      runs,
-      [("test_accuracy", "test accuracy"), ("test_loss", "test loss"), ("train_loss", "train loss")],
-  )
+  table = rc.classification_table(runs)
   print(table)
   name = "fashion_mnist_quick" if args.quick else "fashion_mnist"
   figure = rc.rate_figure(entries, runs, args.out, name)

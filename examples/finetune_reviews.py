@@ -175,10 +175,7 @@ def build_entries(args: argparse.Namespace, steps: int, labels) -> list[rc.Entry
 
 
 def report(args, argv, entries, runs, steps, stop) -> None:
-  table = rc.seeds_table(
-      runs,
-      [("test_accuracy", "test accuracy"), ("test_loss", "test loss"), ("train_loss", "train loss")],
-  )
+  table = rc.classification_table(runs)
   print(table)
   name = "finetune_reviews_quick" if args.quick else "finetune_reviews"
   figure = rc.rate_figure(entries, runs, args.out, name)

@@ -337,11 +337,12 @@ def scale_by_hidlr(
           smoothing=smoothing, max_growth=max_growth,
           min_learning_rate=min_learning_rate, max_learning_rate=max_learning_rate,
       )
+      slopes = est.slope / rates
       new_rates, factor = check_jointly(
-          value_fn, params, updates, layout, est.slope / rates, new_rates, origin
+          value_fn, params, updates, layout, slopes, new_rates, origin
       )
       fit_now = GroupFit(
-          slope=est.slope / rates,
+          slope=slopes,
           curvature=jnp.diagonal(est.curvature) / rates**2,
           r_squared=est.r_squared,
           accepted=proposal.accepted,
