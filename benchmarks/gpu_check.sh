@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# Runs benchmarks/overhead.py once on a GPU machine; writes $OUT/overhead_gpu.md
-# (and the log $OUT/overhead_gpu.log). Run from the repository root:
+# The GPU checks, as one prepared script for a lent GPU machine: the overhead
+# benchmark (benchmarks/overhead.py, MLP with its K x Phi grid) and, when the
+# Fashion-MNIST IDX files are at hand, the Fashion-MNIST example. Writes
+# $OUT/overhead_gpu.md, $OUT/fashion_mnist.md and .png, and the logs. Run
+# from the repository root:
 #
-#   bash benchmarks/gpu_check.sh   # ~6 minutes on one H200, the machine start aside
+#   FMNIST_DIR=.gpudata/fashion-mnist bash benchmarks/gpu_check.sh
 #
-# Each model's section is written as soon as it is done, so a run cut short
-# by the time limit keeps the models finished before it.
+# (~3 minutes for the benchmark and ~3 for Fashion-MNIST on one H200, the
+# machine start aside). Copy the four *-ubyte.gz files of the Debian package
+# dataset-fashion-mnist into an ignored folder of the checkout (30 MB) and
+# carry it; without FMNIST_DIR only the benchmark runs. Each model's section
+# of the benchmark is written as soon as it is done, so a run cut short by the
+# time limit keeps what finished before it.
 #
 # JAX with CUDA. The lent H200 machines' image already holds jax, jaxlib,
 # jax-cuda13-plugin, jax-cuda13-pjrt, optax and chex (KINDS.md, read
@@ -47,5 +54,9 @@ print("jax", jax.__version__, "optax", optax.__version__, jax.devices())
 assert jax.default_backend() == "gpu", "JAX sees no GPU"
 EOF
 set -o pipefail
-timeout 420 "$PY" -m benchmarks.overhead --device-peaks mlp --grid-models mlp \
+if [[ -n "${FMNIST_DIR:-}" ]]; then
+  timeout 270 "$PY" examples/fashion_mnist.py --data-dir "$FMNIST_DIR" --out "$OUT" \
+    2>&1 | tee "$OUT/fashion_mnist.log" || echo "fashion_mnist.py failed ($?)"
+fi
+timeout 300 "$PY" -m benchmarks.overhead --device-peaks mlp --models mlp --grid-models mlp \
   --out "$OUT/overhead_gpu.md" 2>&1 | tee "$OUT/overhead_gpu.log"

@@ -41,11 +41,13 @@ class Estimate(NamedTuple):
     curvature: ``M``, shape ``(K, K)`` (only the diagonal is estimated for
       the diagonal fit; the rest is zero).
     r_squared: fit quality per group, shape ``(K,)`` (1 for ``"jvp"``).
+    origin: the loss at the parameters, ``L(w)``.
   """
 
   slope: jax.Array
   curvature: jax.Array
   r_squared: jax.Array
+  origin: jax.Array
 
 
 
@@ -69,35 +71,51 @@ def probe_coefficients(num_groups: int, scales: np.ndarray, full: bool) -> np.nd
   return np.concatenate(rows, axis=0)
 
 
-def _set_losses_vmapped(value_fn, params, directions, layout, rates, scales, full):
-  """Losses of every probe set, each set's scales in one ``jax.vmap``; (S, n).
+def _set_losses_vmapped(value_fn, params, directions, layout, rates, scales, full, with_origin):
+  """Losses of every probe set, each set's scales in one ``jax.vmap``.
 
   A set's probes move only its groups' leaves; the other leaves stay
   unbatched, so what the loss computes from them alone runs once per set.
+  With ``with_origin``, the first set also evaluates scale 0, ``L(w)``, so
+  that no separate forward is traced for it.
+
+  Returns:
+    ``(losses (S, n), L(w) or None)``.
   """
   sets = probe_coefficients(layout.num_groups, np.ones(1), full) != 0
-  v = jnp.asarray(scales, rates.dtype)
+  first_scales = np.concatenate([[0.0], scales]) if with_origin else scales
 
-  def set_losses(groups: np.ndarray) -> jax.Array:
+  def set_losses(groups: np.ndarray, v: np.ndarray) -> jax.Array:
     coeffs = jnp.where(groups, rates, 0)
     probe = lambda s: value_fn(layout.move(params, s * coeffs, directions, groups))
-    return jax.vmap(probe)(v)
+    return jax.vmap(probe)(jnp.asarray(v, rates.dtype))
 
-  return jnp.stack([set_losses(groups) for groups in sets])
+  first = set_losses(sets[0], first_scales)
+  rest = [set_losses(groups, scales) for groups in sets[1:]]
+  origin = first[0] if with_origin else None
+  return jnp.stack([first[-scales.size:], *rest]), origin
 
 
-def _losses_chunked(value_fn, params, directions, layout, rates, scales, full, batch_size):
-  """Losses of all probes in one ``jax.lax.map`` of ``batch_size``; (S, n).
+def _losses_chunked(value_fn, params, directions, layout, rates, scales, full, batch_size,
+                    with_origin):
+  """Losses of all probes in one ``jax.lax.map`` of ``batch_size``.
 
   One map over every probe keeps at most ``batch_size`` moved copies of the
   parameters (and, when they are sharded, of their gathered leaves) alive,
-  whatever the number of groups.
+  whatever the number of groups. With ``with_origin``, the map's first point
+  is ``w`` itself.
+
+  Returns:
+    ``(losses (S, n), L(w) or None)``.
   """
   coeffs = probe_coefficients(layout.num_groups, scales, full)
+  if with_origin:
+    coeffs = np.concatenate([np.zeros((1, layout.num_groups)), coeffs])
   every_group = np.ones(layout.num_groups, bool)
   probe = lambda c: value_fn(layout.move(params, c * rates, directions, every_group))
   losses = jax.lax.map(probe, jnp.asarray(coeffs, rates.dtype), batch_size=batch_size)
-  return losses.reshape(-1, scales.size)
+  origin = losses[0] if with_origin else None
+  return losses[int(with_origin):].reshape(-1, scales.size), origin
 
 
 def probe_estimate(
@@ -109,7 +127,7 @@ def probe_estimate(
     scales: np.ndarray,
     *,
     full: bool,
-    origin: jax.Array,
+    origin: Union[jax.Array, None],
     batch_size: Union[int, None],
 ) -> Estimate:
   """Estimates the model from loss values at probe points (Algorithm 1).
@@ -120,14 +138,17 @@ def probe_estimate(
   the other leaves alone (e.g. the layers below a head group) runs once per
   set. With an int, all probes run in one ``jax.lax.map`` in chunks of that
   size, which bounds memory independently of the number of groups.
+  ``origin`` is ``L(w)`` if the caller has it; ``None`` evaluates it with
+  the probes (in the same batched forward).
   """
   k = layout.num_groups
+  batched = (value_fn, params, directions, layout, rates, scales, full)
+  with_origin = origin is None
   if batch_size is None:
-    losses = _set_losses_vmapped(value_fn, params, directions, layout, rates, scales, full)
+    losses, found = _set_losses_vmapped(*batched, with_origin)
   else:
-    losses = _losses_chunked(
-        value_fn, params, directions, layout, rates, scales, full, batch_size
-    )
+    losses, found = _losses_chunked(*batched, batch_size, with_origin)
+  origin = found if with_origin else origin
   dtype = fit_dtype(losses)
   deltas = losses.astype(dtype) - jnp.asarray(origin, dtype)
   diag = _fit.fit_quadratics(deltas[:k], scales)
@@ -137,7 +158,7 @@ def probe_estimate(
     curvature = _fit.curvature_matrix(
         diag.curvature, joint.curvature, _fit.pair_indices(k)
     )
-  return Estimate(diag.slope, curvature, diag.r_squared)
+  return Estimate(diag.slope, curvature, diag.r_squared, jnp.asarray(origin, dtype))
 
 
 def jvp_estimate(
@@ -154,7 +175,8 @@ def jvp_estimate(
   For groups ``(k, l)`` (``k = l`` on the diagonal), ``h(s, t) = L(w - s
   eta_k d_k - t eta_l d_l)`` is differentiated in the two scalars: ``dh/ds =
   -beta_k`` and ``d2h/ds dt = M_kl`` at 0. Only the leaves of ``k`` and ``l``
-  depend on ``(s, t)``, so the other leaves carry no tangents.
+  depend on ``(s, t)``, so the other leaves carry no tangents. The origin
+  ``L(w) = h(0, 0)`` comes with the first group's derivatives.
   """
   k = layout.num_groups
   eye = np.eye(k, dtype=bool)
@@ -163,16 +185,17 @@ def jvp_estimate(
     pairs = np.concatenate([pairs, _fit.pair_indices(k)], axis=0)
   zero, one = jnp.zeros((), rates.dtype), jnp.ones((), rates.dtype)
 
-  def derivatives(i: int, j: int) -> tuple[jax.Array, jax.Array]:
-    """``dh/ds`` and ``d2h/ds dt`` at the parameters."""
+  def derivatives(i: int, j: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``dh/ds``, ``d2h/ds dt`` and ``h`` at the parameters."""
     c_i, c_j = jnp.where(eye[i], rates, 0), jnp.where(eye[j], rates, 0)
     h = lambda s, t: value_fn(layout.move(params, s * c_i + t * c_j, directions, eye[i] | eye[j]))
-    along_s = lambda t: jax.jvp(lambda s: h(s, t), (zero,), (one,))[1]
-    return jax.jvp(along_s, (zero,), (one,))
+    along_s = lambda t: jax.jvp(lambda s: h(s, t), (zero,), (one,))[::-1]
+    (first, value), (second, _) = jax.jvp(along_s, (zero,), (one,))
+    return first, second, value
 
-  first, second = (jnp.stack(x) for x in zip(*(derivatives(i, j) for i, j in pairs)))
+  first, second, values = (jnp.stack(x) for x in zip(*(derivatives(i, j) for i, j in pairs)))
   dtype = fit_dtype(first)
   slope = -first[:k].astype(dtype)
   second = second.astype(dtype)
   curvature = _fit.set_off_diagonal(second[:k], second[k:], pairs[k:])
-  return Estimate(slope, curvature, jnp.ones((k,), dtype))
+  return Estimate(slope, curvature, jnp.ones((k,), dtype), values[0].astype(dtype))

@@ -185,9 +185,12 @@ def scale_by_hidlr(
   ``update`` needs the extra keyword argument ``value_fn``, a function
   ``params -> scalar loss`` built inside the training step (as for optax's
   line searches). It is called only on refresh steps, inside
-  ``jax.lax.cond``. For mini-batch training, make ``value_fn`` evaluate a
-  *different* batch from the one the gradient came from: same-batch probes
-  overestimate ``b`` and the rates overshoot.
+  ``jax.lax.cond`` (or, with ``refresh=`` from the caller, only in the
+  program compiled for refresh steps). For mini-batch training, make
+  ``value_fn`` evaluate a *different* batch from the one the gradient came
+  from: same-batch probes overestimate ``b`` and the rates overshoot.
+  ``L(w)`` is evaluated in the same batched forward as the first group's
+  probes (or taken from ``value=``).
 
   Args:
     learning_rate: initial rate of every group, or a mapping
@@ -227,8 +230,15 @@ def scale_by_hidlr(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes
-    ``(updates, state, params, *, value_fn, value=None, **extra_args)``,
-    where ``value`` is ``value_fn(params)`` if the caller already has it.
+    ``(updates, state, params, *, value_fn, value=None, refresh=None,
+    **extra_args)``, where ``value`` is ``value_fn(params)`` if the caller
+    already has it, and ``refresh`` chooses the refresh steps: ``None``
+    refreshes when the state's count is a multiple of ``update_every``
+    (inside ``jax.lax.cond``); a Python bool decides at trace time, so that
+    a step compiled with ``refresh=False`` holds no conditional and no probe
+    code and costs what the base step costs (jit the train step with
+    ``refresh`` static and pass ``step % update_every == 0``); a traced bool
+    decides at run time.
 
   Raises:
     ValueError: for a bad hyperparameter (at construction), labels that do
@@ -279,12 +289,13 @@ def scale_by_hidlr(
         joint_factor=jnp.ones((), dtype),
     )
 
-  def estimate(value_fn, params, directions, layout, rates, origin):
+  def estimate(value_fn, params, directions, layout, rates, value):
+    """The model along the groups; ``value`` is ``L(w)`` or None."""
     if estimator == "jvp":
       return _estimators.jvp_estimate(value_fn, params, directions, layout, rates, full=full)
     return _estimators.probe_estimate(
         value_fn, params, directions, layout, rates, scales,
-        full=full, origin=origin, batch_size=_resolve_batch_size(probe_batch_size),
+        full=full, origin=value, batch_size=_resolve_batch_size(probe_batch_size),
     )
 
   def check_jointly(value_fn, params, directions, layout, slopes, rates, origin):
@@ -304,6 +315,7 @@ def scale_by_hidlr(
       *,
       value_fn=None,
       value: Union[jax.Array, None] = None,
+      refresh: Union[bool, jax.Array, None] = None,
       **extra_args,
   ) -> tuple[optax.Updates, ScaleByHiDLRState]:
     del extra_args
@@ -324,13 +336,13 @@ def scale_by_hidlr(
           f"scale_by_hidlr: the state has groups {list(state.learning_rates)}"
           f" but the labels of these params give {list(layout.labels)}"
       )
-    rates = _stack(layout, state.learning_rates)
-    old_fits = _stack_fits(layout, state.fits)
 
-    def refresh(rates):
-      needs_origin = estimator == "probe" or (joint_check and layout.num_groups > 1)
-      origin = value_fn(params) if value is None and needs_origin else value
-      est = estimate(value_fn, params, updates, layout, rates, origin)
+    def refreshed(state: ScaleByHiDLRState) -> ScaleByHiDLRState:
+      """The state after a refresh: every per-group value is set here, so
+      that a step that does not refresh leaves the state untouched."""
+      rates = _stack(layout, state.learning_rates)
+      est = estimate(value_fn, params, updates, layout, rates, value)
+      origin = est.origin if value is None else value
       proposal = _rule.propose(est, rates, min_r2=min_r2, accept=accept, full=full)
       new_rates = _rule.next_rates(
           rates, proposal,
@@ -347,41 +359,31 @@ def scale_by_hidlr(
           r_squared=est.r_squared,
           accepted=proposal.accepted,
       )
-      fit_now = GroupFit(*(x.astype(y.dtype) for x, y in zip(fit_now, old_fits)))
-      return new_rates, fit_now, factor.astype(state.joint_factor.dtype)
+      return state._replace(
+          learning_rates=_as_dict(layout, new_rates.astype(rates.dtype)),
+          fits={
+              label: GroupFit(*(x[k].astype(old.dtype) for x, old in zip(fit_now, state.fits[label])))
+              for k, label in enumerate(layout.labels)
+          },
+          num_refreshes=state.num_refreshes + 1,
+          num_accepted={
+              label: state.num_accepted[label] + proposal.accepted[k].astype(jnp.int32)
+              for k, label in enumerate(layout.labels)
+          },
+          joint_factor=factor.astype(state.joint_factor.dtype),
+      )
 
-    do_refresh = state.count % update_every == 0
-    new_rates, fits, joint = jax.lax.cond(
-        do_refresh, refresh, lambda r: (r, old_fits, state.joint_factor), rates
-    )
-    counted = do_refresh.astype(jnp.int32)
-    accepted_now = (fits.accepted & do_refresh).astype(jnp.int32)
-    num_accepted = _stack(layout, state.num_accepted) + accepted_now
-
-    scaled = layout.scale(-new_rates, updates)
+    if refresh is None:
+      refresh = state.count % update_every == 0
+    if isinstance(refresh, (bool, np.bool_)):
+      state = refreshed(state) if refresh else state
+    else:
+      state = jax.lax.cond(refresh, refreshed, lambda s: s, state)
+    scaled = layout.scale(-_stack(layout, state.learning_rates), updates)
     updates = jax.tree.map(lambda u, p: u.astype(p.dtype), scaled, params)
-    new_state = ScaleByHiDLRState(
-        count=optax.safe_increment(state.count),
-        learning_rates=_as_dict(layout, new_rates),
-        fits={
-            label: GroupFit(*(x[k] for x in fits))
-            for k, label in enumerate(layout.labels)
-        },
-        num_refreshes=state.num_refreshes + counted,
-        num_accepted=_as_dict(layout, num_accepted),
-        joint_factor=joint,
-    )
-    return updates, new_state
+    return updates, state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _stack_fits(layout: GroupLayout, fits: Mapping[Label, GroupFit]) -> GroupFit:
-  """``{label: GroupFit of scalars}`` -> ``GroupFit`` of ``(K,)`` arrays."""
-  return GroupFit(*(
-      jnp.stack([jnp.asarray(fits[label][i]) for label in layout.labels])
-      for i in range(len(GroupFit._fields))
-  ))
 
 
 def hidlr(

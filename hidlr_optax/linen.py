@@ -48,6 +48,7 @@ class TrainState(train_state.TrainState):
       grads: Any,
       value_fn: Union[Callable[[Any], jax.Array], None] = None,
       value: Union[jax.Array, None] = None,
+      refresh: Union[bool, jax.Array, None] = None,
       **kwargs,
   ) -> "TrainState":
     """Updates ``step``, ``params`` and ``opt_state``, forwarding ``value_fn``.
@@ -59,12 +60,14 @@ class TrainState(train_state.TrainState):
         training it should evaluate a different batch from the gradient's.
       value: ``value_fn(self.params)`` if already known (saves one forward
         on refresh steps).
+      refresh: Hi-DLR's ``refresh`` argument: ``None`` for its own schedule,
+        a bool for the caller's (see :func:`hidlr_optax.scale_by_hidlr`).
       **kwargs: other attributes to ``replace``, as in Flax.
 
     Returns:
       The updated state.
     """
-    extra = {} if value_fn is None else {"value_fn": value_fn, "value": value}
+    extra = {} if value_fn is None else {"value_fn": value_fn, "value": value, "refresh": refresh}
     params = self.params
     fp8 = OVERWRITE_WITH_GRADIENT in grads  # Flax's fp8 bookkeeping, as in Flax.
     if fp8:

@@ -33,11 +33,20 @@ def test_overhead_quick_writes_tables_of_finite_positive_numbers(tmp_path):
   assert text.splitlines()[0].startswith(
       "Command: `python -m benchmarks.overhead --quick --models mlp")
   assert "# Hi-DLR overhead" in text
-  for section in ("## mlp", "### Compile time", "### Peak memory",
+  for section in ("## mlp", "### Minor page faults", "### Compile time", "### Peak memory",
                   "### Probe batching", "### K x estimator", "## Targets"):
     assert section in text, section
-  rows = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| what")]
-  numbers = [x for l in rows for x in _numbers(l)]
+  # Page faults may be 0; every other figure is a positive time, ratio or size.
+  before, rest = text.split("### Minor page faults")
+  faults, after = rest.split("### Compile time")
+  table_numbers = lambda t: [
+      x for l in t.splitlines() if l.startswith("| ") and not l.startswith("| what")
+      for x in _numbers(l)
+  ]
+  fault_numbers = table_numbers(faults)
+  assert len(fault_numbers) == 5 * 2
+  assert all(math.isfinite(x) and x >= 0 for x in fault_numbers)
+  numbers = table_numbers(before + after)
   assert len(numbers) > 40
   assert all(math.isfinite(x) and x > 0 for x in numbers)
   # Every K x estimator row carries an amortised ratio and the paper's bound.

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -389,6 +390,74 @@ def test_refresh_schedule_and_laziness():
   assert int(hidlr_optax.find_states(s)[0].num_refreshes) == 3
 
 
+def _primitives(jaxpr) -> set:
+  """Names of every primitive in a closed jaxpr, sub-jaxprs included."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      names |= _primitives(sub)
+  return names
+
+
+def test_static_refresh_false_traces_no_conditional_and_no_probe():
+  traced = []
+
+  def loss(p):
+    traced.append(1)
+    return jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 2)
+
+  tx = hidlr_optax.hidlr(optax.identity(), 1e-2, {"a": "a", "b": "b"})
+  p = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  s = tx.init(p)
+  update = lambda refresh: jax.make_jaxpr(
+      lambda p, s: tx.update(p, s, p, value_fn=loss, refresh=refresh)
+  )(p, s)
+  top_level = lambda closed: {eqn.primitive.name for eqn in closed.jaxpr.eqns}
+  skipped = update(False)
+  assert not traced
+  assert "cond" not in _primitives(skipped.jaxpr)
+  assert "cond" not in top_level(update(True)) and traced
+  assert "cond" in top_level(update(None))
+
+
+def test_caller_scheduled_refresh_matches_the_count_schedule():
+  rng = np.random.default_rng(0)
+  target = {"a": jnp.asarray(rng.normal(size=3)), "b": jnp.asarray(rng.normal(size=2))}
+  loss = lambda p: sum(jnp.sum(jnp.cosh(p[k] - target[k])) for k in p)
+  tx = hidlr_optax.hidlr(optax.scale_by_adam(), 1e-2, {"a": "a", "b": "b"}, update_every=3)
+
+  @functools.partial(jax.jit, static_argnames="refresh")
+  def step(p, s, refresh=None):
+    updates, s = tx.update(jax.grad(loss)(p), s, p, value_fn=loss, refresh=refresh)
+    return optax.apply_updates(p, updates), s
+
+  start = {"a": jnp.zeros(3), "b": jnp.zeros(2)}
+  by_count = by_caller = (start, tx.init(start))
+  for i in range(10):
+    by_count = step(*by_count)
+    by_caller = step(*by_caller, refresh=i % 3 == 0)
+  chex_close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+  jax.tree.map(chex_close, by_caller, by_count)
+  assert int(hidlr_optax.find_states(by_caller[1])[0].num_refreshes) == 4
+
+
+def test_traced_refresh_decides_at_run_time():
+  tx = hidlr_optax.gen(optax.identity(), 1e-2, update_every=100)
+  p = jnp.ones(3)
+
+  @jax.jit
+  def step(p, s, refresh):
+    updates, s = tx.update(2 * p, s, p, value_fn=lambda q: jnp.sum(q**2), refresh=refresh)
+    return optax.apply_updates(p, updates), s
+
+  s = tx.init(p)
+  for flag in (False, True, False, True):
+    p, s = step(p, s, jnp.asarray(flag))
+  state = hidlr_optax.find_states(s)[0]
+  assert int(state.num_refreshes) == 2 and int(state.count) == 4
+
+
 def test_value_argument_saves_the_origin_forward():
   calls = []
 
@@ -451,6 +520,33 @@ def test_probe_batch_sizes_agree(batch_size):
   for label in ("a", "b"):
     np.testing.assert_allclose(out[0][label].slope, out[1][label].slope, rtol=1e-5)
     np.testing.assert_allclose(out[0][label].curvature, out[1][label].curvature, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "estimator, batch_size", [("probe", None), ("probe", 1), ("probe", 3), ("jvp", None)]
+)
+def test_estimates_carry_the_loss_at_the_parameters(estimator, batch_size):
+  from hidlr_optax._grouping import build_layout
+
+  params = {"a": jnp.arange(4.0), "b": jnp.ones((2, 2))}
+  loss = lambda p: jnp.sum(jnp.cosh(p["a"])) + jnp.sum(p["b"] ** 4)
+  layout = build_layout({"a": "a", "b": "b"}, params)
+  rates = jnp.asarray([1e-2, 2e-2])
+  if estimator == "jvp":
+    est = _estimators.jvp_estimate(loss, params, params, layout, rates, full=False)
+  else:
+    est = _estimators.probe_estimate(
+        loss, params, params, layout, rates, np.asarray([-2.0, -1.0, 1.0, 2.0]),
+        full=False, origin=None, batch_size=batch_size,
+    )
+  np.testing.assert_allclose(est.origin, loss(params), rtol=1e-6)
+  if estimator == "probe":  # the same fit as with the origin given
+    given = _estimators.probe_estimate(
+        loss, params, params, layout, rates, np.asarray([-2.0, -1.0, 1.0, 2.0]),
+        full=False, origin=loss(params), batch_size=batch_size,
+    )
+    np.testing.assert_allclose(est.slope, given.slope, rtol=1e-4)
+    np.testing.assert_allclose(est.r_squared, given.r_squared, rtol=1e-5)
 
 
 def test_probe_coefficients_layout():

@@ -24,6 +24,14 @@ def test_readme_quickstart_runs():
   rates = hidlr_optax.learning_rates(namespace["opt_state"])
   assert set(rates) == {"body", "head"}
   assert float(namespace["loss"]) < 0.5
+  refreshes = int(hidlr_optax.find_states(namespace["opt_state"])[0].num_refreshes)
+
+  # The caller's refresh schedule, continuing from the quickstart's state.
+  block = re.search(r"can also be the caller's.*?```python\n(.*?)```", text, re.S).group(1)
+  exec(compile(block, "README caller's schedule", "exec"), namespace)
+  state = hidlr_optax.find_states(namespace["opt_state"])[0]
+  assert int(state.num_refreshes) == refreshes + 13  # steps 0, 8, ..., 96
+  assert float(namespace["loss"]) < 0.5
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -141,6 +141,15 @@ def test_linen_train_state_forwards_value_fn():
   assert all(float(r) != pytest.approx(1e-2) for r in rates.values())
 
 
+def test_linen_train_state_forwards_refresh():
+  state = _linen_state(hidlr_optax.gen(optax.scale_by_adam(), 1e-3, update_every=1))
+  grads = jax.tree.map(jnp.ones_like, state.params)
+  value_fn = lambda p: _loss(state, p, _data(1))
+  for refresh in (False, True, False):
+    state = state.apply_gradients(grads=grads, value_fn=value_fn, refresh=refresh)
+  assert int(hidlr_optax.find_states(state.opt_state)[0].num_refreshes) == 1
+
+
 def test_linen_train_state_without_value_fn_raises_for_hidlr():
   state = _linen_state(hidlr_optax.gen(optax.scale_by_adam(), 1e-3))
   grads = jax.tree.map(jnp.ones_like, state.params)
