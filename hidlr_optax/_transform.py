@@ -342,7 +342,6 @@ def scale_by_hidlr(
       that a step that does not refresh leaves the state untouched."""
       rates = _stack(layout, state.learning_rates)
       est = estimate(value_fn, params, updates, layout, rates, value)
-      origin = est.origin if value is None else value
       proposal = _rule.propose(est, rates, min_r2=min_r2, accept=accept, full=full)
       new_rates = _rule.next_rates(
           rates, proposal,
@@ -351,7 +350,7 @@ def scale_by_hidlr(
       )
       slopes = est.slope / rates
       new_rates, factor = check_jointly(
-          value_fn, params, updates, layout, slopes, new_rates, origin
+          value_fn, params, updates, layout, slopes, new_rates, est.origin
       )
       fit_now = GroupFit(
           slope=slopes,
@@ -362,7 +361,9 @@ def scale_by_hidlr(
       return state._replace(
           learning_rates=_as_dict(layout, new_rates.astype(rates.dtype)),
           fits={
-              label: GroupFit(*(x[k].astype(old.dtype) for x, old in zip(fit_now, state.fits[label])))
+              label: GroupFit(*(
+                  x[k].astype(old.dtype) for x, old in zip(fit_now, state.fits[label])
+              ))
               for k, label in enumerate(layout.labels)
           },
           num_refreshes=state.num_refreshes + 1,
