@@ -437,8 +437,8 @@ def test_caller_scheduled_refresh_matches_the_count_schedule():
   for i in range(10):
     by_count = step(*by_count)
     by_caller = step(*by_caller, refresh=i % 3 == 0)
-  chex_close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
-  jax.tree.map(chex_close, by_caller, by_count)
+  assert_close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+  jax.tree.map(assert_close, by_caller, by_count)
   assert int(hidlr_optax.find_states(by_caller[1])[0].num_refreshes) == 4
 
 
