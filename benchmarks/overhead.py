@@ -284,18 +284,22 @@ def headline(bench: Bench, reps: int, phi: int = HEADLINE_PHI) -> tuple[str, dic
   no_joint = dataclasses.replace(v, joint_check=False)
   reuse = dataclasses.replace(v, reuse_value=True)
   caller = dataclasses.replace(v, refresh=False)
+  vmapped = dataclasses.replace(v, batching="vmap")
   thunks = {
       "base": bench.step_call(BASE),
       "non-refresh": bench.step_call(v, count=1),
       "non-refresh, refresh=False": bench.step_call(caller),
       "bare cond, not firing": bench.step_call(dataclasses.replace(v, bare_cond=True), count=1),
+      "non-refresh, vmap": bench.step_call(vmapped, count=1),
       "refresh": bench.step_call(v, count=0),
+      "refresh, vmap": bench.step_call(vmapped, count=0),
       "refresh, refresh=True": bench.step_call(dataclasses.replace(v, refresh=True)),
       "refresh, joint_check=False": bench.step_call(no_joint, count=0),
       "refresh, value= reused": bench.step_call(reuse, count=0),
       "base x Phi": bench.block_call(BASE, phi),
       "Hi-DLR x Phi": bench.block_call(v, phi),
       "Hi-DLR x Phi, caller's schedule": bench.block_call(caller, phi),
+      "Hi-DLR x Phi, vmap": bench.block_call(vmapped, phi),
       "refresh (interleaved groups)": bench.step_call(inter, count=0),
       "forward (probe batch)": bench.forward_call(),
   }
@@ -314,10 +318,14 @@ def headline(bench: Bench, reps: int, phi: int = HEADLINE_PHI) -> tuple[str, dic
       ["Hi-DLR, step that does not refresh", ms(t["non-refresh"]), non, ">= 0.97"],
       ["  the same, refresh=False from the caller (no conditional)",
        ms(t["non-refresh, refresh=False"]), caller_non, ">= 0.97"],
+      ["  the same, probes vmapped per group (probe_batch_size=None)",
+       ms(t["non-refresh, vmap"]), speed(t, "non-refresh, vmap"), ">= 0.97"],
       ["  not Hi-DLR: Adam with only a lax.cond on its direction, not firing",
        ms(t["bare cond, not firing"]), speed(t, "bare cond, not firing"), ""],
       ["Hi-DLR, refresh step", ms(t["refresh"]), ref, ""],
       ["  the same, refresh=True from the caller", ms(t["refresh, refresh=True"]), caller_ref, ""],
+      ["  the same, probes vmapped per group", ms(t["refresh, vmap"]),
+       speed(t, "refresh, vmap"), ""],
       ["Hi-DLR, refresh step, interleaved groups", ms(t["refresh (interleaved groups)"]),
        speed(t, "refresh (interleaved groups)"), ""],
       ["Hi-DLR, refresh step, joint_check=False (one forward fewer)",
@@ -328,6 +336,9 @@ def headline(bench: Bench, reps: int, phi: int = HEADLINE_PHI) -> tuple[str, dic
        ms(t["Hi-DLR x Phi"]) / phi, direct, ">= 0.85"],
       ["  the same, the caller's schedule (measured block)",
        ms(t["Hi-DLR x Phi, caller's schedule"]) / phi, caller_direct, ">= 0.85"],
+      ["  the same, probes vmapped per group (measured block)",
+       ms(t["Hi-DLR x Phi, vmap"]) / phi, speed(t, "Hi-DLR x Phi, vmap", "base x Phi"),
+       ">= 0.85"],
       ["Hi-DLR, amortised (from the two step ratios)", "", amortised(non, ref, phi), ""],
       ["  the same, the caller's schedule", "", amortised(caller_non, caller_ref, phi), ""],
       ["  the same, joint_check=False", "", amortised(non, no_joint_ref, phi), ""],
@@ -379,7 +390,7 @@ def batching_table(bench: Bench, reps: int, batchings: Sequence[str]) -> str:
 
 
 def fault_table(bench: Bench, steps: int = 20) -> str:
-  """Minor page faults per step (``getrusage``; load does not disturb them).
+  """Minor page faults per step (``getrusage`` of this process).
 
   A step's temporaries are one allocation sized for its largest branch; when
   that exceeds glibc's mmap ceiling (32 MiB) every call maps fresh pages and
@@ -388,7 +399,9 @@ def fault_table(bench: Bench, steps: int = 20) -> str:
   v = Variant(k=HEADLINE_K)
   rows_of = {
       "base (adam)": (BASE, 0),
-      "Hi-DLR, step that does not refresh (vmap)": (v, 1),
+      f"Hi-DLR, step that does not refresh (default: auto = {_auto_batching()})": (v, 1),
+      "Hi-DLR, step that does not refresh (vmap)":
+          (dataclasses.replace(v, batching="vmap"), 1),
       "Hi-DLR, step that does not refresh (chunk1)":
           (dataclasses.replace(v, batching="chunk1"), 1),
       "Hi-DLR, refresh=False from the caller": (dataclasses.replace(v, refresh=False), 0),
@@ -490,6 +503,12 @@ def _device_peak(model_name: str, v: Variant) -> float:
 # Main.
 
 
+def _auto_batching() -> str:
+  """What ``probe_batch_size="auto"`` resolves to here, as a batching name."""
+  size = hidlr_optax._transform._resolve_batch_size("auto")
+  return next(name for name, value in BATCHINGS.items() if value == size)
+
+
 def _environment() -> str:
   dev = jax.devices()[0]
   malloc = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_"))
@@ -510,8 +529,7 @@ def run(args: argparse.Namespace) -> str:
          " Groups: contiguous blocks of layers (input to output); `interleaved` ="
          " every leaf's last axis dealt round-robin over the groups"
          " (`hidlr_optax.per_slice`), so every group touches every leaf."
-         f" `auto` probe batching resolves to"
-         f" {hidlr_optax._transform._resolve_batch_size('auto')!r} on this backend.", ""]
+         f" The default `auto` probe batching is {_auto_batching()} on this backend.", ""]
   summary = {}
   for name in args.models:
     model = _models.build(name, args.quick)
@@ -527,8 +545,9 @@ def run(args: argparse.Namespace) -> str:
     out += [f"### K = {HEADLINE_K}, Phi = {HEADLINE_PHI}, default settings ({reps} reps)",
             "", text, ""]
     if jax.default_backend() == "cpu":
-      out += [f"### Minor page faults per step, K = {HEADLINE_K} (`getrusage`: load does"
-              " not disturb them; glibc maps a fresh block for temporaries over 32 MiB)",
+      out += [f"### Minor page faults per step, K = {HEADLINE_K} (`getrusage` of this"
+              " process, which other jobs on the machine raise, so measure idle; glibc maps"
+              " a fresh block for temporaries over 32 MiB)",
               "", fault_table(bench), ""]
     text, summary[name]["compile_ratio"] = compile_table(bench, args.compile_reps)
     out += ["### Compile time (trace + lower + compile), K = 2", "", text, ""]

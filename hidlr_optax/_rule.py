@@ -12,6 +12,10 @@ from hidlr_optax._estimators import Estimate
 
 Scalar = Union[float, jax.Array]
 
+#: A loss change smaller than this many units in the last place of the loss
+#: is taken as rounding, not as a measurement.
+RESOLUTION_ULPS = 256
+
 
 class Proposal(NamedTuple):
   """What one refresh proposes for every group.
@@ -77,7 +81,10 @@ def next_rates(
   ``eta <- smoothing * eta + (1 - smoothing) * clip(eta*, eta / g, eta * g)``
   with ``g = max_growth``, except that when ``eta > 2 eta*`` (the fitted
   quadratic predicts that a step at the current rate *increases* the loss)
-  ``eta <- eta*`` at once. The result is clipped to
+  ``eta <- clip(eta*, eta / g, eta * g)`` at once, without smoothing: a
+  predicted increase is acted on now, and a run of them cuts ``g``-fold per
+  refresh, but one noisy fit (a slope near zero on one probe batch) cannot
+  wipe a rate out. The result is clipped to
   ``[min_learning_rate, max_learning_rate]``.
   """
   target = proposal.optimal_rates
@@ -85,7 +92,7 @@ def next_rates(
     target = jnp.clip(target, rates / max_growth, rates * max_growth)
   smoothed = smoothing * rates + (1 - smoothing) * target
   predicted_increase = rates > 2 * proposal.optimal_rates
-  new = jnp.where(predicted_increase, proposal.optimal_rates, smoothed)
+  new = jnp.where(predicted_increase, target, smoothed)
   new = bound(new, min_learning_rate, max_learning_rate)
   return jnp.where(proposal.accepted, new, rates).astype(rates.dtype)
 
@@ -122,10 +129,17 @@ def joint_factor(
 
   where ``Delta L = L(w - s) - L(w)`` is measured, and its minimiser is
   ``t* = S / (2c)``. The factor is ``t*`` when the combined step lands past
-  that minimum (``S > 0`` and ``Delta L > -S / 2``), and 1 otherwise: rates
-  only shrink. When ``L(w)`` is finite but ``L(w - s)`` is not, the factor is
-  ``1 / K``, the average of the groups' single steps, which cannot increase a
-  convex loss if none of them does.
+  that minimum (``Delta L > -S / 2``), and 1 otherwise: rates only shrink.
+
+  Two bounds keep one noisy value from wiping the rates out. The factor is
+  at least ``1 / (2K)``: for a convex quadratic, with every rate at most
+  twice its group's fitted optimum (which :func:`next_rates` ensures),
+  ``t* >= 1 / (2K)`` (Cauchy-Schwarz), so a smaller value contradicts the
+  model. And the check only acts when the predicted decrease ``S`` is
+  resolvable, larger than ``RESOLUTION_ULPS`` units in the last place of
+  ``L(w)``; below that, ``Delta L`` is rounding. When ``L(w)`` is finite but
+  ``L(w - s)`` is not, the factor is ``1 / K``, the average of the groups'
+  single steps, which cannot increase a convex loss if none of them does.
 
   Args:
     slopes: ``b_k`` per unit rate, shape ``(K,)``; non-finite ones (from a
@@ -138,11 +152,13 @@ def joint_factor(
     A scalar in ``(0, 1]``, of the rates' dtype.
   """
   dtype = rates.dtype
+  num_groups = rates.shape[0]
   origin, joint_loss = jnp.asarray(origin, dtype), jnp.asarray(joint_loss, dtype)
   decrease = jnp.sum(jnp.where(jnp.isfinite(slopes), rates * slopes, 0))
   curvature = joint_loss - origin + decrease
-  overshoot = (decrease > 0) & (2 * curvature > decrease)
+  resolvable = decrease > RESOLUTION_ULPS * jnp.finfo(dtype).eps * jnp.abs(origin)
+  overshoot = resolvable & (2 * curvature > decrease)
   factor = decrease / jnp.where(overshoot, 2 * curvature, 1)
-  factor = jnp.where(overshoot, factor, 1)
+  factor = jnp.where(overshoot, jnp.maximum(factor, 1 / (2 * num_groups)), 1)
   blown_up = jnp.isfinite(origin) & ~jnp.isfinite(joint_loss)
-  return jnp.where(blown_up, 1 / rates.shape[0], factor).astype(dtype)
+  return jnp.where(blown_up, 1 / num_groups, factor).astype(dtype)

@@ -50,8 +50,18 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 
 def _resolve_batch_size(probe_batch_size: Union[int, str, None]) -> Union[int, None]:
-  """``"auto"``: one vmapped batch per group, on every backend."""
-  return None if probe_batch_size == "auto" else probe_batch_size
+  """``"auto"``: chunks of 1 on CPU, one vmapped batch per group elsewhere.
+
+  On CPU the vmapped probes make the step's block of temporaries several
+  times the parameters' size, and XLA:CPU allocates that block on every call,
+  also on steps that do not refresh; one probe at a time keeps it small, and
+  the refresh step costs about the same. Accelerators run the batched forward
+  in parallel and keep their memory pooled. Resolved when ``update`` is
+  traced, on the default backend.
+  """
+  if probe_batch_size == "auto":
+    return 1 if jax.default_backend() == "cpu" else None
+  return probe_batch_size
 
 
 def _validate(
@@ -169,18 +179,22 @@ def scale_by_hidlr(
 
   with ``gamma = smoothing`` and ``g = max_growth``, except that if
   :math:`\eta_k > 2\eta^*_k` (the fit predicts that the current rate increases
-  the loss) the rate drops to :math:`\eta^*_k` at once. Rates are then clipped
-  to ``[min_learning_rate, max_learning_rate]``. With ``K = 1`` this is GeN.
+  the loss) the rate drops at once, without smoothing, to
+  :math:`\mathrm{clip}(\eta^*_k, \eta_k / g, \eta_k g)`: a run of such fits
+  cuts ``g``-fold per refresh, and one noisy fit cannot wipe a rate out.
+  Rates are then clipped to ``[min_learning_rate, max_learning_rate]``. With
+  ``K = 1`` this is GeN.
 
   With ``K > 1`` and ``joint_check=True``, one more loss value, at the
   combined step ``w - sum_k eta_k d_k`` with the new rates, checks what the
   diagonal fit cannot see, the curvature between groups: if the combined step
   lands past the minimum of the quadratic through ``L(w)`` with slope
   ``-sum_k eta_k b_k`` and that value, every rate is scaled by that
-  quadratic's minimiser ``t* < 1`` (see ``joint_factor`` in
-  ``hidlr_optax._rule``). Groups whose directions act alike (e.g. the output
-  biases of an additive model's feature networks) would otherwise each take
-  the whole step and together overshoot ``K``-fold.
+  quadratic's minimiser ``t* < 1``, but by no less than ``1 / (2K)`` and
+  only when the predicted decrease is above rounding (see ``joint_factor``
+  in ``hidlr_optax._rule``). Groups whose directions act alike (e.g. the
+  output biases of an additive model's feature networks) would otherwise
+  each take the whole step and together overshoot ``K``-fold.
 
   ``update`` needs the extra keyword argument ``value_fn``, a function
   ``params -> scalar loss`` built inside the training step (as for optax's
@@ -217,13 +231,16 @@ def scale_by_hidlr(
       current rate before smoothing; ``None`` for no bound.
     min_learning_rate: lower bound of every rate.
     max_learning_rate: upper bound of every rate, or ``None``.
-    probe_batch_size: for ``estimator="probe"``: ``None`` (or ``"auto"``)
-      evaluates each group's probes in one ``jax.vmap`` that moves only that
-      group's leaves, so what depends on the other leaves alone is computed
-      once per group (fastest); an int evaluates all probes in one
+    probe_batch_size: for ``estimator="probe"``: ``None`` evaluates each
+      group's probes in one ``jax.vmap`` that moves only that group's leaves,
+      so what depends on the other leaves alone is computed once per group
+      (fastest on accelerators); an int evaluates all probes in one
       ``jax.lax.map`` in chunks of that size, so at most that many moved
       copies of the parameters are alive whatever the number of groups
-      (least memory).
+      (least memory); ``"auto"`` is ``1`` when the default backend is the
+      CPU, where the vmapped probes' temporaries slow every step (not only
+      the refresh steps) and a refresh costs about the same either way, and
+      ``None`` on GPU and TPU.
     joint_check: for ``K > 1``, check the combined step after each refresh
       and shrink all rates when it overshoots (one extra forward per
       refresh); ``False`` for the paper's rule alone.

@@ -44,7 +44,7 @@ def test_overhead_quick_writes_tables_of_finite_positive_numbers(tmp_path):
       for x in _numbers(l)
   ]
   fault_numbers = table_numbers(faults)
-  assert len(fault_numbers) == 5 * 2
+  assert len(fault_numbers) == 6 * 2
   assert all(math.isfinite(x) and x >= 0 for x in fault_numbers)
   numbers = table_numbers(before + after)
   assert len(numbers) > 40

@@ -119,9 +119,12 @@ def test_rule_smoothing_clip_bounds_and_rejection():
   np.testing.assert_allclose(run_rule([1.0], [0.6], [True], min_learning_rate=0.99), [0.99])
 
 
-def test_rule_predicted_increase_cuts_to_optimum_before_clip_and_smoothing():
-  # eta = 1 > 2 * eta* = 0.2: the fit predicts a loss increase -> eta* at once.
-  np.testing.assert_allclose(run_rule([1.0], [0.1], [True], max_growth=2.0), [0.1])
+def test_rule_predicted_increase_cuts_at_once_by_at_most_max_growth():
+  # eta = 1 > 2 * eta* = 0.2: the fit predicts a loss increase -> no smoothing,
+  # the cut is bounded by max_growth (1 / 2 here), or goes to eta* unbounded.
+  np.testing.assert_allclose(run_rule([1.0], [0.1], [True], max_growth=2.0), [0.5])
+  np.testing.assert_allclose(run_rule([1.0], [0.1], [True], max_growth=20.0), [0.1])
+  np.testing.assert_allclose(run_rule([1.0], [1e-6], [True], max_growth=None), [1e-6])
   # eta = 1 < 2 * eta* = 1.2: ordinary smoothed, clipped move.
   np.testing.assert_allclose(run_rule([1.0], [0.6], [True], max_growth=2.0), [0.96])
 
@@ -326,8 +329,15 @@ def test_joint_factor_rule():
   assert f([2.0, 2.0], 10.0, 10.0) == pytest.approx(0.5)
   assert f([2.0, 2.0], 10.0, 14.0) == pytest.approx(0.25)
   # A non-finite slope is left out of S; no predicted decrease, no information.
-  assert f([jnp.nan, 2.0], 10.0, 14.0) == pytest.approx(2 / 12)
+  assert f([jnp.nan, 2.0], 10.0, 11.0) == pytest.approx(2 / 6)
   assert f([-2.0, 1.0], 10.0, 14.0) == 1.0
+  # Never below 1 / (2K), the convex quadratic's bound: S = 4, t* = 1 / 20.
+  assert f([2.0, 2.0], 10.0, 46.0) == pytest.approx(1 / 4)
+  assert f([2.0, 2.0, 2.0], 10.0, 46.0) == pytest.approx(1 / 6)
+  # A predicted decrease below rounding (S = 2e-6 against L = 10 in float32,
+  # 256 ulp = 3e-4) tells nothing: the rates stay.
+  assert f([1e-6, 1e-6], 10.0, 10.001) == 1.0
+  assert f([1e-3, 1e-3], 10.0, 10.001) == pytest.approx(1 / 3, rel=1e-3)
   # A non-finite combined loss: the average of the single steps (1/K).
   assert f([2.0, 2.0, 2.0], 10.0, jnp.inf) == pytest.approx(1 / 3)
   assert f([2.0, 2.0], 10.0, jnp.nan) == pytest.approx(1 / 2)
@@ -502,6 +512,31 @@ def test_joint_check_costs_one_forward_per_refresh_and_only_for_several_groups()
 
 # --------------------------------------------------------------------------
 # Probe batching.
+
+
+def test_auto_probe_batching_is_chunked_on_cpu_and_vmapped_elsewhere(monkeypatch):
+  from hidlr_optax import _transform
+
+  loss = lambda p: jnp.sum(p["a"] ** 2) + jnp.sum(p["b"] ** 4)
+  p = {"a": jnp.ones(3), "b": jnp.ones(2)}
+
+  def primitives(batch_size):
+    tx = hidlr_optax.hidlr(
+        optax.identity(), 1e-2, {"a": "a", "b": "b"}, probe_batch_size=batch_size
+    )
+    s = tx.init(p)
+    return _primitives(jax.make_jaxpr(
+        lambda p, s: tx.update(p, s, p, value_fn=loss, refresh=True)
+    )(p, s).jaxpr)
+
+  # lax.map is a scan; per-group vmaps are not.
+  assert "scan" in primitives(1) and "scan" not in primitives(None)
+  for backend, chunked in (("cpu", True), ("gpu", False), ("tpu", False)):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert _transform._resolve_batch_size("auto") == (1 if chunked else None)
+    assert ("scan" in primitives("auto")) == chunked
+  assert _transform._resolve_batch_size(None) is None
+  assert _transform._resolve_batch_size(3) == 3
 
 
 @pytest.mark.parametrize("batch_size", [None, 1, 3, 100])
