@@ -17,13 +17,16 @@ class GroupFit(NamedTuple):
     slope: ``b_k = G_k . d_k``, the first-order decrease per unit rate.
     curvature: ``A_kk = d_k^T H_kk d_k``.
     r_squared: ``R^2`` of the quadratic fit (1 for ``estimator="jvp"``).
-    accepted: whether the refresh changed this group's rate.
+    accepted: whether the fit was accepted and set this group's rate.
+    below_resolution: whether this group's step changed the loss by no more
+      than rounding, so that its fit was noise and its rate was held.
   """
 
   slope: jax.Array
   curvature: jax.Array
   r_squared: jax.Array
   accepted: jax.Array
+  below_resolution: jax.Array
 
 
 class ScaleByHiDLRState(NamedTuple):
@@ -34,10 +37,11 @@ class ScaleByHiDLRState(NamedTuple):
     learning_rates: ``{label: eta}``, the current rate of every group.
     fits: ``{label: GroupFit}``, diagnostics of the last refresh.
     num_refreshes: number of refreshes tried (int32).
-    num_accepted: ``{label: n}``, refreshes that changed each group's rate.
+    num_accepted: ``{label: n}``, refreshes whose fit set each group's rate.
     joint_factor: the factor by which the joint check of the last refresh
-      scaled every rate (1: the combined step behaved as the per-group fits
-      predicted, or ``K = 1``, or ``joint_check=False``).
+      scaled the rates of the groups above resolution (1: the combined step
+      behaved as the per-group fits predicted, or ``K = 1``, or
+      ``joint_check=False``).
   """
 
   count: jax.Array
@@ -107,15 +111,16 @@ def fit_diagnostics(opt_state: Any) -> dict[Label, GroupFit]:
     opt_state: as for :func:`learning_rates`.
 
   Returns:
-    For every group, ``b``, ``A``, ``R^2`` and whether the refresh was
-    accepted, plus (in ``num_accepted`` of the state) counts over training.
+    For every group, ``b``, ``A``, ``R^2``, whether the refresh was
+    accepted and whether the group's step was below the loss's resolution,
+    plus (in ``num_accepted`` of the state) counts over training.
 
   Example:
     >>> import jax.numpy as jnp, hidlr_optax, optax
     >>> tx = hidlr_optax.gen(optax.scale_by_adam(), 1e-3)
     >>> fits = hidlr_optax.fit_diagnostics(tx.init({'w': jnp.zeros(3)}))
     >>> sorted(fits['all']._fields)
-    ['accepted', 'curvature', 'r_squared', 'slope']
+    ['accepted', 'below_resolution', 'curvature', 'r_squared', 'slope']
   """
   state = _single_state(opt_state)
   return {

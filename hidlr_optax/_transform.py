@@ -129,7 +129,8 @@ def _stack(layout: GroupLayout, mapping: Mapping) -> jax.Array:
 def _empty_fits(layout: GroupLayout, dtype) -> dict[Label, GroupFit]:
   nan = jnp.full((), jnp.nan, dtype)
   return {
-      label: GroupFit(nan, nan, nan, jnp.zeros((), bool)) for label in layout.labels
+      label: GroupFit(nan, nan, nan, jnp.zeros((), bool), jnp.zeros((), bool))
+      for label in layout.labels
   }
 
 
@@ -182,8 +183,10 @@ def scale_by_hidlr(
   the loss) the rate drops at once, without smoothing, to
   :math:`\mathrm{clip}(\eta^*_k, \eta_k / g, \eta_k g)`: a run of such fits
   cuts ``g``-fold per refresh, and one noisy fit cannot wipe a rate out.
-  Rates are then clipped to ``[min_learning_rate, max_learning_rate]``. With
-  ``K = 1`` this is GeN.
+  A group whose probes move the loss by no more than rounding (32 units in
+  the last place of ``L(w)``) has nothing to fit: its rate is held until
+  its probes register again. Rates are then clipped to
+  ``[min_learning_rate, max_learning_rate]``. With ``K = 1`` this is GeN.
 
   With ``K > 1`` and ``joint_check=True``, one more loss value, at the
   combined step ``w - sum_k eta_k d_k`` with the new rates, checks what the
@@ -194,7 +197,11 @@ def scale_by_hidlr(
   only when the predicted decrease is above rounding (see ``joint_factor``
   in ``hidlr_optax._rule``). Groups whose directions act alike (e.g. the
   output biases of an additive model's feature networks) would otherwise
-  each take the whole step and together overshoot ``K``-fold.
+  each take the whole step and together overshoot ``K``-fold. Groups whose
+  step is below the loss's resolution are left out of the check: their
+  slopes are rounding, their steps cannot cause what it measures, and
+  shrinking them at every refresh that overshoots would walk their rates
+  down to 0.
 
   ``update`` needs the extra keyword argument ``value_fn``, a function
   ``params -> scalar loss`` built inside the training step (as for optax's
@@ -315,15 +322,16 @@ def scale_by_hidlr(
         full=full, origin=value, batch_size=_resolve_batch_size(probe_batch_size),
     )
 
-  def check_jointly(value_fn, params, directions, layout, slopes, rates, origin):
-    """Scales every rate by :func:`_rule.joint_factor`; returns both."""
+  def check_jointly(value_fn, params, directions, layout, slopes, rates, origin, below):
+    """Scales the rates of the groups above resolution (not ``below``) by
+    :func:`_rule.joint_factor`; returns the rates and the factor."""
     if not joint_check or layout.num_groups == 1:
       return rates, jnp.ones((), rates.dtype)
     every_group = np.ones(layout.num_groups, bool)
     joint_loss = value_fn(layout.move(params, rates, directions, every_group))
-    factor = _rule.joint_factor(slopes, rates, origin, joint_loss)
-    rates = _rule.bound(rates * factor, min_learning_rate, max_learning_rate)
-    return rates.astype(factor.dtype), factor
+    factor = _rule.joint_factor(jnp.where(below, jnp.nan, slopes), rates, origin, joint_loss)
+    scaled = _rule.bound(rates * factor, min_learning_rate, max_learning_rate)
+    return jnp.where(below, rates, scaled).astype(factor.dtype), factor
 
   def update_fn(
       updates: optax.Updates,
@@ -367,13 +375,15 @@ def scale_by_hidlr(
       )
       slopes = est.slope / rates
       new_rates, factor = check_jointly(
-          value_fn, params, updates, layout, slopes, new_rates, est.origin
+          value_fn, params, updates, layout, slopes, new_rates, est.origin,
+          proposal.below_resolution,
       )
       fit_now = GroupFit(
           slope=slopes,
           curvature=jnp.diagonal(est.curvature) / rates**2,
           r_squared=est.r_squared,
           accepted=proposal.accepted,
+          below_resolution=proposal.below_resolution,
       )
       return state._replace(
           learning_rates=_as_dict(layout, new_rates.astype(rates.dtype)),
