@@ -146,9 +146,10 @@ def joint_factor(
   groups that enter ``S``), ``t* >= 1 / (2K)`` (Cauchy-Schwarz), so a
   smaller value contradicts the model. And the check only acts when the
   predicted decrease ``S`` is above ``JOINT_CHECK_ULPS`` units in the last
-  place of ``L(w)``; below it, ``Delta L`` is mostly rounding. When ``L(w)`` is finite but ``L(w - s)`` is not, the factor
-  is ``1 / K``, the average of the groups' single steps, which cannot
-  increase a convex loss if none of them does.
+  place of ``L(w)``; below it, ``Delta L`` is mostly rounding. When ``L(w)``
+  is finite but ``L(w - s)`` is not, the factor is ``1 / K``, the average of
+  the groups' single steps, which cannot increase a convex loss if none of
+  them does.
 
   Args:
     slopes: ``b_k`` per unit rate, shape ``(K,)``; non-finite ones (a group
