@@ -23,7 +23,7 @@ Run ``python examples/additive_model.py`` (``--quick`` for a small run).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import jax
@@ -117,11 +117,15 @@ def methods(task: str, names: Sequence[str], quick: bool) -> list[C.Method]:
   ]
 
 
-def run_task(task: str, seed: int, quick: bool, epochs: int = 0) -> tuple[dict, dict]:
+def run_task(
+    task: str, seed: int, quick: bool, epochs: int = 0,
+    only: Optional[Callable[[str], bool]] = None,
+) -> tuple[dict, dict]:
+  """Trains the task's methods (those whose name ``only`` accepts, if given)."""
   train, test, names, source = load(task, seed, quick)
   base, paper_epochs, every, grid, rate = SETTINGS[task]
   epochs = 2 if quick else (epochs or paper_epochs)
-  chosen = methods(task, names, quick)
+  chosen = [m for m in methods(task, names, quick) if only is None or only(m.name)]
   same = {m.name: "same" for m in chosen if "same-batch" in m.name}
   with C.Timer() as timer:
     results = C.run_minibatch_methods(

@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/overhead.py at tiny sizes (no timing assertions)."""
+"""Smoke tests of benchmarks/overhead.py (tiny sizes, no timing assertions) and
+benchmarks/compare_revisions.py."""
 
 import math
 import pathlib
@@ -72,3 +73,40 @@ def test_group_labels_give_k_groups():
     tx = hidlr_optax.scale_by_hidlr(1e-3, _models.group_labels(model, k, grouping))
     rates = hidlr_optax.learning_rates(tx.init(model.params))
     assert len(rates) == k
+
+
+def test_revision_table_pairs_the_seeds():
+  from benchmarks import compare_revisions as cr
+  values = [{"m": [1.0, 2.0, 3.0]}, {"m": [0.5, 2.5, 2.0]}]
+  text = cr.task_section("california-mlp", ["old", "new"], values)
+  row = next(l for l in text.splitlines() if l.startswith("| m | 2.0000"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  # old: mean 2 ± 0.8165, median 2; new: mean 5/3, median 2; paired
+  # differences (-0.5, 0.5, -1): mean -1/3, lower on 2 of 3 seeds.
+  assert cells == ["m", "2.0000 ± 0.8165", "2.0000", "1.6667 ± 0.8498", "2.0000",
+                   "-0.3333", "2 / 3"]
+  assert "| m | `new` | 0.5000 | 2.5000 | 2.0000 |" in text
+
+
+def test_compare_revisions_runs_each_revision_and_same_code_gives_same_losses(tmp_path):
+  out = tmp_path / "revisions.md"
+  argv = ["--revisions", "HEAD", "HEAD", "--tasks", "additive-synthetic", "--quick",
+          "--out", str(out)]
+  subprocess.run([sys.executable, "-m", "benchmarks.compare_revisions", *argv],
+                 cwd=ROOT, check=True, timeout=900)
+  text = out.read_text()
+  assert text.startswith("Command: `python -m benchmarks.compare_revisions --revisions HEAD HEAD")
+  row = next(l for l in text.splitlines() if l.startswith("| Hi-DLR (10 features + bias) | "))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  first, second = float(cells[1].split("±")[0]), float(cells[3].split("±")[0])
+  assert math.isfinite(first) and first > 0
+  # The same core, seed and data: the runs are identical, so is the loss.
+  assert first == second and cells[5] == "+0.0000" and cells[6] == "0 / 1"
+
+
+def test_compare_revisions_rejects_an_unknown_revision():
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.compare_revisions", "--revisions", "HEAD",
+       "no-such-revision"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "'no-such-revision' is neither a commit" in proc.stderr
