@@ -279,7 +279,9 @@ def main(argv: Sequence[str] = tuple(sys.argv[1:])) -> str:
   for r in filter(is_directory, args.revisions):
     diff = diff_from_head(r)
     if diff:
-      lines += ["", f"The core in `{r}` differs from HEAD's by:", "", "```diff", diff.rstrip(), "```"]
+      head = git("rev-parse", "--short", "HEAD")
+      lines += ["", f"The core in `{r}` differs from HEAD's ({head}) by:", "", "```diff",
+                diff.rstrip(), "```"]
   for task in args.tasks:
     values = [run_revision(r, task, args.seeds, args.quick) for r in args.revisions]
     lines += ["", task_section(task, args.revisions, values)]
