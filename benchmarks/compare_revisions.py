@@ -14,7 +14,9 @@ training loops are this checkout's ``examples/``, so only the core differs.
 A revision may also be a directory holding a ``hidlr_optax/`` (``.`` is this
 working tree, uncommitted changes included): a variant of the core is
 measured against ``HEAD`` before it is committed, and the results file
-carries its diff from ``HEAD``, so that it can be reproduced. Seeds are ``0 .. n-1``, as in the examples (the seed sets the
+carries its diff from ``HEAD``, so that it can be reproduced (copy
+``hidlr_optax/`` into a new directory, ``patch -p1`` the diff there, and pass
+that directory). Seeds are ``0 .. n-1``, as in the examples (the seed sets the
 initialisation and the batch order, and for the synthetic task the data).
 
 Usage::
@@ -210,6 +212,10 @@ def run_revision(revision: str, task: str, num_seeds: int, quick: bool) -> PerSe
 
 
 def _stats(v: np.ndarray) -> str:
+  """``mean ± std | median``, or how many seeds ended non-finite."""
+  bad = int((~np.isfinite(v)).sum())
+  if bad:
+    return f"not finite in {bad} / {v.size} seeds | -"
   return f"{v.mean():.4f} ± {v.std():.4f} | {np.median(v):.4f}"
 
 

@@ -110,3 +110,10 @@ def test_compare_revisions_rejects_an_unknown_revision():
        "no-such-revision"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "'no-such-revision' is neither a commit" in proc.stderr
+
+
+def test_revision_table_counts_seeds_that_did_not_finish():
+  from benchmarks import compare_revisions as cr
+  text = cr.task_section("california-mlp", ["old", "new"],
+                         [{"m": [1.0, 2.0]}, {"m": [float("nan"), 1.5]}])
+  assert "| m | 1.5000 ± 0.5000 | 1.5000 | not finite in 1 / 2 seeds | - |" in text
