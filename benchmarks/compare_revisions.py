@@ -155,7 +155,8 @@ def check_revision(revision: str) -> None:
 
 
 def copy_core(revision: str, into: Path) -> None:
-  """Writes ``revision``'s ``hidlr_optax/`` under ``into``."""
+  """Writes ``revision``'s ``hidlr_optax/`` under ``into`` (created if need be)."""
+  into.mkdir(parents=True, exist_ok=True)
   if is_directory(revision):
     shutil.copytree(Path(revision) / "hidlr_optax", into / "hidlr_optax",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -179,13 +180,12 @@ def diff_from_head(directory: str) -> str:
     )
 
 
-def describe_revision(revision: str) -> str:
+def describe_revision(revision: str, diff: str) -> str:
   """``abc1234 subject`` for a commit; for a directory, whether its core
-  differs from ``HEAD``'s."""
+  differs from ``HEAD``'s (``diff``, from :func:`diff_from_head`)."""
   if is_directory(revision):
-    same = not diff_from_head(revision)
-    return f"the core in directory {revision}" + (", the same as HEAD's" if same else
-                                                  ", changed from HEAD's (diff below)")
+    return f"the core in directory {revision}" + (", changed from HEAD's (diff below)" if diff
+                                                  else ", the same as HEAD's")
   return git("log", "-1", "--format=%h %s", revision)
 
 
@@ -281,9 +281,9 @@ def main(argv: Sequence[str] = tuple(sys.argv[1:])) -> str:
     check_revision(r)
   command = " ".join(["python -m benchmarks.compare_revisions", *map(shlex.quote, argv)])
   lines = [f"Command: `{command}`", "", "# Hi-DLR's core at several revisions", ""]
-  lines += [f"- `{r}`: {describe_revision(r)}" for r in args.revisions]
-  for r in filter(is_directory, args.revisions):
-    diff = diff_from_head(r)
+  diffs = {r: diff_from_head(r) if is_directory(r) else "" for r in args.revisions}
+  lines += [f"- `{r}`: {describe_revision(r, diffs[r])}" for r in args.revisions]
+  for r, diff in diffs.items():
     if diff:
       head = git("rev-parse", "--short", "HEAD")
       lines += ["", f"The core in `{r}` differs from HEAD's ({head}) by:", "", "```diff",

@@ -117,3 +117,20 @@ def test_revision_table_counts_seeds_that_did_not_finish():
   text = cr.task_section("california-mlp", ["old", "new"],
                          [{"m": [1.0, 2.0]}, {"m": [float("nan"), 1.5]}])
   assert "| m | 1.5000 ± 0.5000 | 1.5000 | not finite in 1 / 2 seeds | - |" in text
+
+
+def test_a_directory_revision_carries_its_diff_from_head(tmp_path):
+  from benchmarks import compare_revisions as cr
+  cr.copy_core("HEAD", tmp_path)
+  assert cr.diff_from_head(str(tmp_path)) == ""
+  assert cr.describe_revision(str(tmp_path), "").endswith("the same as HEAD's")
+  rule = tmp_path / "hidlr_optax" / "_rule.py"
+  rule.write_text(rule.read_text().replace("JOINT_CHECK_ULPS = 256", "JOINT_CHECK_ULPS = 32"))
+  diff = cr.diff_from_head(str(tmp_path))
+  assert diff.startswith("--- a/hidlr_optax/_rule.py\n+++ b/hidlr_optax/_rule.py\n")
+  assert "-JOINT_CHECK_ULPS = 256\n+JOINT_CHECK_ULPS = 32\n" in diff
+  # The diff rebuilds the variant from HEAD's core.
+  rebuilt = tmp_path / "rebuilt"
+  cr.copy_core("HEAD", rebuilt)
+  subprocess.run(["patch", "-p1", "-s"], input=diff, text=True, cwd=rebuilt, check=True)
+  assert (rebuilt / "hidlr_optax" / "_rule.py").read_text() == rule.read_text()
