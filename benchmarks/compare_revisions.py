@@ -44,7 +44,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(ROOT / "examples"))
+
+import _common as C  # noqa: E402
 WORKING_TREE = "."
 
 PerSeed = dict[str, list[float]]  # method -> final test loss per seed
@@ -124,7 +126,6 @@ TASKS = {
 
 def child(task: str, num_seeds: int, quick: bool, out: Path) -> None:
   """Runs ``task`` with whatever ``hidlr_optax`` comes first on the path."""
-  sys.path.insert(0, str(EXAMPLES))
   import hidlr_optax
 
   values = TASKS[task].run(num_seeds, quick)
@@ -211,12 +212,12 @@ def run_revision(revision: str, task: str, num_seeds: int, quick: bool) -> PerSe
     return result["values"]
 
 
-def _stats(v: np.ndarray) -> str:
-  """``mean ± std | median``, or how many seeds ended non-finite."""
+def _stats(v: np.ndarray) -> list[str]:
+  """``[mean ± std, median]``, or how many seeds ended non-finite."""
   bad = int((~np.isfinite(v)).sum())
   if bad:
-    return f"not finite in {bad} / {v.size} seeds | -"
-  return f"{v.mean():.4f} ± {v.std():.4f} | {np.median(v):.4f}"
+    return [f"not finite in {bad} / {v.size} seeds", "-"]
+  return [f"{v.mean():.4f} ± {v.std():.4f}", f"{np.median(v):.4f}"]
 
 
 def task_section(name: str, revisions: Sequence[str], values: Sequence[PerSeed]) -> str:
@@ -232,7 +233,7 @@ def task_section(name: str, revisions: Sequence[str], values: Sequence[PerSeed])
   rows, per_seed = [], []
   for method in values[0]:
     runs = [np.asarray(v[method], float) for v in values]
-    row = [method, *(_stats(v) for v in runs)]
+    row = [method, *(cell for v in runs for cell in _stats(v))]
     for v in runs[1:]:
       diff = v - runs[0]
       row += [f"{diff.mean():+.4f}", f"{int((diff < 0).sum())} / {diff.size}"]
@@ -240,20 +241,18 @@ def task_section(name: str, revisions: Sequence[str], values: Sequence[PerSeed])
     for r, v in zip(revisions, runs):
       per_seed.append([method, f"`{r}`", *(f"{x:.4f}" for x in v)])
   num_seeds = len(per_seed[0]) - 2
-  lines = [
+  seeds_header = ["method", "revision", *(f"seed {s}" for s in range(num_seeds))]
+  return "\n".join([
       f"## {name}: {task.describe}",
       "",
       f"{task.metric}, {num_seeds} seed(s); std with ddof 0.",
       "",
-      "| " + " | ".join(header) + " |",
-      "|" + "---|" * len(header),
-  ]
-  lines += ["| " + " | ".join(row) + " |" for row in rows]
-  lines += ["", "Per seed:", "",
-            "| method | revision | " + " | ".join(f"seed {s}" for s in range(num_seeds)) + " |",
-            "|" + "---|" * (num_seeds + 2)]
-  lines += ["| " + " | ".join(row) + " |" for row in per_seed]
-  return "\n".join(lines)
+      C.markdown_table(header, rows),
+      "",
+      "Per seed:",
+      "",
+      C.markdown_table(seeds_header, per_seed),
+  ])
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -283,9 +282,9 @@ def main(argv: Sequence[str] = tuple(sys.argv[1:])) -> str:
   lines = [f"Command: `{command}`", "", "# Hi-DLR's core at several revisions", ""]
   diffs = {r: diff_from_head(r) if is_directory(r) else "" for r in args.revisions}
   lines += [f"- `{r}`: {describe_revision(r, diffs[r])}" for r in args.revisions]
+  head = git("rev-parse", "--short", "HEAD")
   for r, diff in diffs.items():
     if diff:
-      head = git("rev-parse", "--short", "HEAD")
       lines += ["", f"The core in `{r}` differs from HEAD's ({head}) by:", "", "```diff",
                 diff.rstrip(), "```"]
   for task in args.tasks:
