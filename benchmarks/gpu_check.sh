@@ -58,5 +58,5 @@ if [[ -n "${FMNIST_DIR:-}" ]]; then
   timeout 270 "$PY" examples/fashion_mnist.py --data-dir "$FMNIST_DIR" --out "$OUT" \
     2>&1 | tee "$OUT/fashion_mnist.log" || echo "fashion_mnist.py failed ($?)"
 fi
-timeout 300 "$PY" -m benchmarks.overhead --device-peaks mlp --models mlp --grid-models mlp \
+timeout 300 "$PY" -m benchmarks.overhead --device-peaks mlp --models mlp --grid-models mlp --compile-reps 3 \
   --out "$OUT/overhead_gpu.md" 2>&1 | tee "$OUT/overhead_gpu.log"

@@ -54,6 +54,17 @@ def test_overhead_quick_writes_tables_of_finite_positive_numbers(tmp_path):
   grid_cells = re.findall(r"(\d+\.\d+) \((\d+\.\d+)\)", text)
   assert len(grid_cells) == 4 * 2  # K = 2 x 2 estimators x 2 batchings, 2 Phis
   assert all(float(a) > 0 and 0 < float(b) < 1 for a, b in grid_cells)
+  # The compile table takes Hi-DLR apart: each row holds less of the
+  # refresh's work than the one before it, so it compiles fewer kernels.
+  compile_rows = [l for l in after.split("### Peak memory")[0].splitlines()
+                  if l.startswith("| ") and not l.startswith("| step")]
+  fusions = {l.split(" | ")[0].strip("| ").strip(): int(l.rstrip(" |").split(" | ")[-1])
+             for l in compile_rows}
+  assert len(fusions) == 7, fusions
+  chain = ["Hi-DLR chunk1", "the same, joint_check=False",
+           next(n for n in fusions if "a refresh's forwards only" in n),
+           next(n for n in fusions if "holding one forward" in n), "base (adam)"]
+  assert all(fusions[a] > fusions[b] for a, b in zip(chain, chain[1:])), fusions
 
 
 def test_cost_model_formulas():
