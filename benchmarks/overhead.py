@@ -469,13 +469,14 @@ def compile_table(bench: Bench, reps: int) -> tuple[str, float]:
       t1 = time.perf_counter()
       compiled = lowered.compile()
       times[n].append((t1 - t0, time.perf_counter() - t1))
-      fusions[n] = compiled.as_text().count(" fusion(")
-  medians = {n: np.median(np.asarray(t), axis=0) for n, t in times.items()}
-  base = np.median([sum(t) for t in times["base (adam)"]])
+      if r == 0:  # the same program every repetition
+        fusions[n] = compiled.as_text().count(" fusion(")
+  totals = {n: float(np.median([sum(t) for t in ts])) for n, ts in times.items()}
   rows = []
-  for n, (front, xla) in medians.items():
-    total = float(np.median([sum(t) for t in times[n]]))
-    rows.append([n, float(front), float(xla), total, total / base, fusions[n]])
+  for n, ts in times.items():
+    front, xla = np.median(np.asarray(ts), axis=0)
+    rows.append([n, float(front), float(xla), totals[n], totals[n] / totals["base (adam)"],
+                 fusions[n]])
   worst = max(r[4] for r in rows if r[0] in targeted)
   header = ["step", "trace + lower s", "XLA compile s", "total s (median)",
             "ratio to base (target <= 2)", "fusions in the compiled HLO"]
