@@ -445,8 +445,9 @@ def minibatch_epoch(
     params: current parameters.
     state: current optimizer state.
     data: ``(x, y)`` training arrays.
-    perms: ``(2, n)`` permutations: the gradient batches' order and an
-      independent order for the probe batches.
+    perms: ``(1 + m, n)`` permutations: the gradient batches' order, then
+      ``m`` independent orders whose batches are joined into each probe
+      batch (``m`` mini-batches per probe batch).
     batch_size: mini-batch size (the last partial batch is dropped).
     probe: ``"fresh"``: Hi-DLR's ``value_fn`` evaluates a batch drawn
       independently of the gradient's batch (ALGORITHM.md section 6);
@@ -459,7 +460,10 @@ def minibatch_epoch(
   tx = optax.with_extra_args_support(method.make_tx(hp))
   x, y = data
   xs, ys = _batches(x, perms[0], batch_size), _batches(y, perms[0], batch_size)
-  px, py = _batches(x, perms[1], batch_size), _batches(y, perms[1], batch_size)
+  probe_batches = lambda a: jnp.concatenate(
+      [_batches(a, perm, batch_size) for perm in perms[1:]], axis=1
+  )
+  px, py = probe_batches(x), probe_batches(y)
 
   def step(carry, batch):
     p, s = carry
@@ -489,6 +493,7 @@ def train_minibatch(
     batch_size: int,
     seed: int,
     probe: str = "fresh",
+    probe_batches: int = 1,
 ) -> dict:
   """Trains ``method`` (all grid points vmapped) for ``epochs`` epochs.
 
@@ -507,6 +512,8 @@ def train_minibatch(
     batch_size: mini-batch size (a last partial batch is dropped).
     seed: seed of the batch order.
     probe: where Hi-DLR's probes look (see :func:`minibatch_epoch`).
+    probe_batches: with ``probe="fresh"``, how many mini-batches, each in an
+      order of its own, make up one probe batch.
 
   Returns:
     ``step_loss`` (mini-batch losses, ``(..., steps)``), ``lr`` (``{label:
@@ -545,7 +552,8 @@ def train_minibatch(
   evals, steps = [jax.device_get(evaluate(grid, p, s, train, test))], []
   for _ in tqdm(range(epochs), desc=method.name, leave=False):
     key, k1, k2 = jax.random.split(key, 3)
-    perms = jnp.stack([jax.random.permutation(k1, n), jax.random.permutation(k2, n)])
+    probe_keys = [k2, *(jax.random.fold_in(k2, j) for j in range(1, probe_batches))]
+    perms = jnp.stack([jax.random.permutation(k, n) for k in (k1, *probe_keys)])
     p, s, rec = epoch(grid, p, s, train, perms)
     steps.append(jax.device_get(rec))
     evals.append(jax.device_get(evaluate(grid, p, s, train, test)))

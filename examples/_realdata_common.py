@@ -37,6 +37,8 @@ class Entry:
   Attributes:
     method: the optimizer (see :class:`_common.Method`).
     probe: ``"fresh"`` or ``"same"``: Hi-DLR's probe batch (ignored by others).
+    probe_batches: with ``probe="fresh"``, the probe batch is this many
+      mini-batches, drawn independently of the gradient's.
     rates: for a hand-set schedule, ``(steps, peak) -> {group: rate}`` for
       the plot;
       Hi-DLR's rates come from training, learning-rate-free methods have none.
@@ -44,6 +46,7 @@ class Entry:
 
   method: Method
   probe: str = "fresh"
+  probe_batches: int = 1
   rates: Optional[RateCurve] = None
 
   @property
@@ -154,6 +157,7 @@ def hidlr_entry(
     weight_decay: float,
     update_every: int,
     probe: str = "fresh",
+    probe_batches: int = 1,
     **kwargs,
 ) -> Entry:
   """Hi-DLR (``labels=None``: Hi-ULR) on the AdamW direction.
@@ -164,7 +168,13 @@ def hidlr_entry(
       adamw_direction(weight_decay), learning_rate, labels, update_every=update_every,
       **kwargs,
   )
-  return Entry(Method(name, make, hidlr=True), probe=probe)
+  return Entry(Method(name, make, hidlr=True), probe=probe, probe_batches=probe_batches)
+
+
+#: The "4x probe batch" rows: each fresh probe batch joins this many
+#: mini-batches, so the probes' loss values are less noisy than the
+#: gradient's (at this many times the probe forwards' cost).
+LARGE_PROBE_BATCHES = 4
 
 
 def learning_rate_free(weight_decay: float) -> list[Entry]:

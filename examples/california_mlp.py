@@ -88,12 +88,16 @@ def build_entries(args, steps: int, groups: dict[str, Any]) -> list[rc.Entry]:
       f"Hi-DLR ({first}), full fit", lr, groups[first],
       **common, fit="full",
   )
+  large_probe = rc.hidlr_entry(
+      f"Hi-DLR ({first}), {rc.LARGE_PROBE_BATCHES}x probe batch", lr, groups[first],
+      **common, probe_batches=rc.LARGE_PROBE_BATCHES,
+  )
   hiulr = rc.hidlr_entry("Hi-ULR (GeN)", lr, None, **common)
   schedules = [
       rc.scheduled_adamw(f"AdamW {kind}", kind, args.peaks, steps, weight_decay=wd)
       for kind in ("constant", "linear", "cosine")
   ]
-  return [*hidlr, own, full, hiulr, *rc.learning_rate_free(wd), *schedules]
+  return [*hidlr, own, large_probe, full, hiulr, *rc.learning_rate_free(wd), *schedules]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -118,6 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     return train_minibatch(
         loss_fn, metrics_fn, init(seed), entry.method, train, test,
         epochs=epochs, batch_size=args.batch_size, seed=seed, probe=entry.probe,
+        probe_batches=entry.probe_batches,
     )
 
   entries = build_entries(args, steps, groups)
@@ -148,7 +153,7 @@ one group per layer; for the additive model (feature) one group per feature netw
 one for the bias. Hi-DLR / Hi-ULR: AdamW direction (weight decay {args.weight_decay}), initial
 rate {args.lr} (untuned; the top of the paper's grid for this data set), Phi =
 {args.update_every}, probes on an independently drawn mini-batch unless marked
-"own-batch"; "full fit" also probes every pair of groups moved together and steps by
+"own-batch" ("{rc.LARGE_PROBE_BATCHES}x probe batch": on {rc.LARGE_PROBE_BATCHES} such mini-batches joined); "full fit" also probes every pair of groups moved together and steps by
 A^-1 b (the paper's eq. 2.4) when A is positive definite. AdamW schedules (no warm-up; linear and cosine decay to 0): peak rate from
 the grid {args.peaks}, picked by mean final test MSE over seeds (favours the baselines).
 Prodigy and D-Adaptation: rate 1, same weight decay.

@@ -149,6 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     return train_minibatch(
         loss_fn, metrics_fn, init(seed), entry.method, train, test,
         epochs=epochs, batch_size=batch, seed=seed, probe=entry.probe,
+        probe_batches=entry.probe_batches,
     )
 
   entries = build_entries(args, steps, init(0))

@@ -135,6 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     return train_minibatch(
         loss, metrics, trainable, entry.method, (x_tr, y_tr), (x_te, y_te),
         epochs=args.epochs, batch_size=args.batch_size, seed=seed, probe=entry.probe,
+        probe_batches=entry.probe_batches,
     )
 
   labels = bert.lora_labels(bert.split_trainable(params)[0])
@@ -171,6 +172,10 @@ def build_entries(args: argparse.Namespace, steps: int, labels) -> list[rc.Entry
           **common, probe="same",
       ),
       rc.hidlr_entry("Hi-DLR A/B/head", lr, labels, **common),
+      rc.hidlr_entry(
+          f"Hi-DLR A/B/head, {rc.LARGE_PROBE_BATCHES}x probe batch", lr, labels,
+          **common, probe_batches=rc.LARGE_PROBE_BATCHES,
+      ),
   ]
 
 
@@ -196,7 +201,9 @@ paper's LoRA recipe); peak rate from the grid {args.peaks} (the paper's recipe g
 picked by mean test accuracy over seeds (favours the baseline). LoRA+: the same schedule
 for A and the head, 16x for B, same grid. Prodigy and D-Adaptation: rate 1, same weight
 decay. Hi-ULR / Hi-DLR: AdamW direction, initial rate {args.lr} (the recipe's, untuned),
-Phi = {args.update_every}, probes on the next mini-batch unless marked "own-batch".
+Phi = {args.update_every}, probes on a mini-batch drawn independently of the gradient's
+unless marked "own-batch" ("{rc.LARGE_PROBE_BATCHES}x probe batch": on {rc.LARGE_PROBE_BATCHES} such mini-batches joined,
+{rc.LARGE_PROBE_BATCHES * args.batch_size} reviews).
 
 {table}
 

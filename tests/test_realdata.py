@@ -96,3 +96,23 @@ def test_reviews_quick_run(tmp_path):
   assert set(run.history["lr"]) == {"head", "lora_a", "lora_b"}
   assert 0 <= run.metrics[0]["test_accuracy"] <= 1
   assert np.isfinite(run.metrics[0]["test_loss"])
+
+
+def test_probe_batches_join_mini_batches():
+  """``value_fn`` sees ``probe_batches`` mini-batches joined; one by default."""
+  import optax
+  import _common as C
+
+  def update(updates, state, params, *, value_fn):
+    return jax.tree.map(lambda u: value_fn(params) + 0 * u, updates), state
+
+  tx = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+  method = C.Method("rows probed", lambda _: tx, hidlr=True)
+  rows = lambda p, x, y: 0 * p + x.shape[0]  # the step adds the probe batch's size
+  data = (np.zeros((40, 1), np.float32), np.zeros(40, np.float32))
+  for probe_batches in (1, 3):
+    out = C.train_minibatch(
+        rows, lambda p, x, y: {"p": p}, np.float32(0), method, data, data,
+        epochs=1, batch_size=4, seed=0, probe_batches=probe_batches,
+    )
+    assert out["train_p"][-1] == 10 * 4 * probe_batches  # 10 steps
