@@ -6,10 +6,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
+import _common as C  # noqa: E402
 import _realdata_common as rc  # noqa: E402
 import california_mlp  # noqa: E402
 import fashion_mnist  # noqa: E402
@@ -100,8 +102,6 @@ def test_reviews_quick_run(tmp_path):
 
 def test_probe_batches_join_mini_batches():
   """``value_fn`` sees ``probe_batches`` mini-batches joined; one by default."""
-  import optax
-  import _common as C
 
   def update(updates, state, params, *, value_fn):
     return jax.tree.map(lambda u: value_fn(params) + 0 * u, updates), state
