@@ -19,6 +19,10 @@ carries its diff from ``HEAD``, so that it can be reproduced (copy
 that directory). Seeds are ``0 .. n-1``, as in the examples (the seed sets the
 initialisation and the batch order, and for the synthetic task the data).
 
+The ``compile`` task compares compile times instead: each repetition
+compiles the base step and Hi-DLR's in turn in the revision's child process
+and keeps their ratio, so that every value is measured side by side.
+
 Usage::
 
   python -m benchmarks.compare_revisions --revisions 2e169ca HEAD \
@@ -61,11 +65,14 @@ class Task:
     metric: the compared value (lower is better).
     run: ``(num_seeds, quick) -> {method: value per seed}``; runs in the
       child process, with ``examples/`` importable.
+    repeat: what one value is: a ``"seed"`` of a training run, or a
+      ``"repetition"`` of a measurement.
   """
 
   describe: str
   metric: str
   run: Callable[[int, bool], PerSeed]
+  repeat: str = "seed"
 
 
 def _california(model: str, methods: Sequence[str]) -> Callable[[int, bool], PerSeed]:
@@ -96,6 +103,22 @@ def _additive(task: str) -> Callable[[int, bool], PerSeed]:
   return run
 
 
+def _compile_ratios(models: Sequence[str]) -> Callable[[int, bool], PerSeed]:
+  def run(num_reps: int, quick: bool) -> PerSeed:
+    from benchmarks import _models, overhead
+
+    values: PerSeed = {}
+    for model in models:
+      bench = overhead.Bench.create(_models.build(model, quick))
+      variants = {"base": overhead.BASE, "Hi-DLR": overhead.Variant(k=overhead.HEADLINE_K)}
+      times, _ = overhead.compile_times(bench, variants, 1 if quick else num_reps)
+      ratio = times["Hi-DLR"].sum(axis=1) / times["base"].sum(axis=1)
+      values[f"{model}: Hi-DLR / base"] = ratio.tolist()
+    return values
+
+  return run
+
+
 TASKS = {
     "california-mlp": Task(
         "California housing, MLP 8-64-64-1, 50 epochs (examples/california_mlp.py)",
@@ -116,6 +139,15 @@ TASKS = {
         "additive model, California housing, Adam, 200 epochs (examples/additive_model.py)",
         "final test loss",
         _additive("california"),
+    ),
+    "compile": Task(
+        "compile time (trace + lower + XLA compile) of the jitted train step, Hi-DLR over"
+        " Adam at its default settings (K = 2, Phi = 8) against Adam alone, on the MLP and"
+        " LoRA models of benchmarks/overhead.py",
+        "compile time of the Hi-DLR step / the base step's, both compiled in turn in one"
+        " process (benchmarks.overhead.compile_times)",
+        _compile_ratios(["mlp", "lora"]),
+        repeat="repetition",
     ),
 }
 
@@ -229,7 +261,7 @@ def task_section(name: str, revisions: Sequence[str], values: Sequence[PerSeed])
   for r in revisions:
     header += [f"`{r}` mean ± std", f"`{r}` median"]
   for r in revisions[1:]:
-    header += [f"`{r}` − `{first}` (paired mean)", f"`{r}` lower (seeds)"]
+    header += [f"`{r}` − `{first}` (paired mean)", f"`{r}` lower ({task.repeat}s)"]
   rows, per_seed = [], []
   for method in values[0]:
     runs = [np.asarray(v[method], float) for v in values]
@@ -241,15 +273,15 @@ def task_section(name: str, revisions: Sequence[str], values: Sequence[PerSeed])
     for r, v in zip(revisions, runs):
       per_seed.append([method, f"`{r}`", *(f"{x:.4f}" for x in v)])
   num_seeds = len(per_seed[0]) - 2
-  seeds_header = ["method", "revision", *(f"seed {s}" for s in range(num_seeds))]
+  seeds_header = ["method", "revision", *(f"{task.repeat} {s}" for s in range(num_seeds))]
   return "\n".join([
       f"## {name}: {task.describe}",
       "",
-      f"{task.metric}, {num_seeds} seed(s); std with ddof 0.",
+      f"{task.metric}, {num_seeds} {task.repeat}(s); std with ddof 0.",
       "",
       C.markdown_table(header, rows),
       "",
-      "Per seed:",
+      f"Per {task.repeat}:",
       "",
       C.markdown_table(seeds_header, per_seed),
   ])
@@ -261,7 +293,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                  help="git commits, or directories holding a hidlr_optax/ ('.': this"
                       " working tree); the first is the reference")
   p.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=["california-mlp"])
-  p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. n-1")
+  p.add_argument("--seeds", type=int, default=3,
+                 help="seeds 0 .. n-1 (for the compile task: repetitions)")
   p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, small data")
   p.add_argument("--out", type=Path, default=None, help="markdown file to write")
   p.add_argument("--child", choices=tuple(TASKS), help=argparse.SUPPRESS)

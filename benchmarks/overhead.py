@@ -70,7 +70,7 @@ class Variant:
   reuse_value: bool = False  # probe the gradient's batch and pass value=loss
   refresh: Union[bool, None] = None  # None: Hi-DLR's own schedule; a bool: the caller's
   bare_cond: bool = False  # not Hi-DLR: Adam, then only a lax.cond on the direction
-  bare_probes: int = 0  # with bare_cond: forwards in the cond's lax.map (0: one forward)
+  bare_probes: int = 0  # with bare_cond: forwards in the cond's loop (0: one forward)
 
   @property
   def is_base(self) -> bool:
@@ -98,17 +98,23 @@ def bare_cond(update_every: int, probes: int = 0) -> optax.GradientTransformatio
   ``lax.cond`` every ``update_every`` steps (their values only rescale that
   step). Not an optimizer. With ``probes=0``, one forward at ``w - d``: what
   a conditional that takes the direction as an operand costs on the steps
-  where it does not fire. With ``probes=n``, ``n`` forwards at ``w - v d`` in
-  a ``jax.lax.map`` of 1 and one more at a point set by their values: the
-  forwards of a Hi-DLR refresh (``4K + 1`` probes, the joint check) without
-  its fit, rule or per-group state, to take apart its compile time."""
+  where it does not fire. With ``probes=n``, ``n`` forwards at ``w - v d``
+  and one more at a point set by their values, all in one
+  ``jax.lax.fori_loop``: the forwards of a Hi-DLR refresh with chunks of one
+  probe (``4K + 1`` probes, the joint check) without its fit, rule or
+  per-group state, to take apart its compile time."""
 
   def forwards(params, updates, value_fn):
     at = lambda v: value_fn(jax.tree.map(lambda p, d: p - v * d, params, updates))
     if probes == 0:
       return at(1.0)
-    losses = jax.lax.map(at, jnp.linspace(-2.0, 2.0, probes), batch_size=1)
-    return at(jnp.mean(losses) * 1e-9)
+    scales = jnp.linspace(-2.0, 2.0, probes)
+
+    def body(i, losses):
+      v = jnp.where(i < probes, scales[jnp.minimum(i, probes - 1)], jnp.mean(losses) * 1e-9)
+      return losses.at[i].set(at(v))
+
+    return jax.lax.fori_loop(0, probes + 1, body, jnp.zeros(probes + 1))[-1]
 
   def update(updates, state, params=None, *, value_fn, **extra_args):
     del extra_args
@@ -440,6 +446,30 @@ def fault_table(bench: Bench, steps: int = 20) -> str:
   return table(["step", "minor page faults per step", "temporaries MiB"], rows)
 
 
+def compile_times(bench: Bench, variants: dict[str, Variant],
+                  reps: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Trace + lower and XLA compile wall times of fresh steps, the variants'
+  repetitions interleaved, after one untimed pass (JAX's own first-use costs).
+
+  Returns:
+    ``({name: seconds (reps, 2)}, {name: fusions in the compiled HLO}).``
+  """
+  for v in variants.values():
+    bench.lower(v)[0].compile()
+  times = {n: [] for n in variants}
+  fusions = {}
+  for r in range(reps):
+    for n, v in variants.items():
+      t0 = time.perf_counter()
+      lowered, _ = bench.lower(v)
+      t1 = time.perf_counter()
+      compiled = lowered.compile()
+      times[n].append((t1 - t0, time.perf_counter() - t1))
+      if r == 0:  # the same program every repetition
+        fusions[n] = compiled.as_text().count(" fusion(")
+  return {n: np.asarray(t) for n, t in times.items()}, fusions
+
+
 def compile_table(bench: Bench, reps: int) -> tuple[str, float]:
   """Trace + lower and XLA compile wall times, fresh functions, interleaved;
   the target is on their sum for Hi-DLR's default settings. The other rows
@@ -455,32 +485,22 @@ def compile_table(bench: Bench, reps: int) -> tuple[str, float]:
       "  the same, K = 1": dataclasses.replace(default, k=1),
       "not Hi-DLR: Adam with a lax.cond holding one forward": Variant(
           k=HEADLINE_K, bare_cond=True),
-      f"not Hi-DLR: Adam with a lax.cond holding a refresh's forwards only ({probes}"
-      " in a lax.map of 1, then one more), no fit, rule or state": Variant(
+      f"not Hi-DLR: Adam with a lax.cond holding a refresh's forwards only ({probes},"
+      " then one more set by their values, in one fori_loop), no fit, rule or state": Variant(
           k=HEADLINE_K, bare_cond=True, bare_probes=probes),
   }
-  targeted = ("Hi-DLR vmap", "Hi-DLR chunk1")
-  times = {n: [] for n in variants}
-  fusions = {}
-  for r in range(reps):
-    for n, v in variants.items():
-      t0 = time.perf_counter()
-      lowered, _ = bench.lower(v)
-      t1 = time.perf_counter()
-      compiled = lowered.compile()
-      times[n].append((t1 - t0, time.perf_counter() - t1))
-      if r == 0:  # the same program every repetition
-        fusions[n] = compiled.as_text().count(" fusion(")
-  totals = {n: float(np.median([sum(t) for t in ts])) for n, ts in times.items()}
+  targeted = f"Hi-DLR {_auto_batching()}"  # the default settings on this backend
+  times, fusions = compile_times(bench, variants, reps)
+  totals = {n: float(np.median(ts.sum(axis=1))) for n, ts in times.items()}
   rows = []
   for n, ts in times.items():
-    front, xla = np.median(np.asarray(ts), axis=0)
+    front, xla = np.median(ts, axis=0)
     rows.append([n, float(front), float(xla), totals[n], totals[n] / totals["base (adam)"],
                  fusions[n]])
-  worst = max(r[4] for r in rows if r[0] in targeted)
+  default_ratio = next(r[4] for r in rows if r[0] == targeted)
   header = ["step", "trace + lower s", "XLA compile s", "total s (median)",
             "ratio to base (target <= 2)", "fusions in the compiled HLO"]
-  return table(header, rows), worst
+  return table(header, rows), default_ratio
 
 
 def memory_table(bench: Bench, device_peaks: bool) -> tuple[str, float]:
@@ -619,7 +639,7 @@ def run(args: argparse.Namespace) -> str:
         ["amortised speed ratio >= 0.85", s["amortised"], s["amortised"] >= 0.85],
         ["  the same, the caller's schedule", s["amortised_caller"],
          s["amortised_caller"] >= 0.85],
-        ["compile time <= 2x base (worst Hi-DLR variant)", s["compile_ratio"],
+        [f"compile time <= 2x base (default settings: {_auto_batching()})", s["compile_ratio"],
          s["compile_ratio"] <= 2],
         ["peak memory with probe_batch_size=1 <= 1.10x base", s["memory_chunk1"],
          s["memory_chunk1"] <= 1.10],

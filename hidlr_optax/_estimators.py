@@ -7,7 +7,7 @@ decrease ``beta_k`` and the curvature ``M_kl`` in normalised step units (see
 
 * ``"probe"`` (the paper's Algorithm 1): loss values at
   ``w - v_i eta_k d_k`` for the probe scales ``v_i``, each group's evaluated
-  in one batched forward (``jax.vmap``) or in chunks (``jax.lax.map``), then
+  in one batched forward (``jax.vmap``) or all in one loop over chunks, then
   a least-squares fit per group.
 * ``"jvp"``: the exact first and second directional derivatives by
   forward-over-forward differentiation (``jax.jvp`` of ``jax.jvp``); no
@@ -16,6 +16,11 @@ decrease ``beta_k`` and the curvature ``M_kl`` in normalised step units (see
 Both move only the leaves of the group(s) being probed; the other leaves
 enter the loss unchanged, so computations that depend on them alone are
 neither batched over probes nor differentiated.
+
+Both can also evaluate one more point chosen from the estimate (a
+:data:`FollowUp`; Hi-DLR's joint check of the new rates). With chunks of one
+probe, that point is the probe loop's last iteration, so the program holds a
+single copy of the forward.
 """
 
 from __future__ import annotations
@@ -124,26 +129,127 @@ def _set_losses_vmapped(value_fn, params, directions, layout, rates, scales, ful
   return jnp.stack([first[-scales.size:], *rest]), origin
 
 
-def _losses_chunked(value_fn, params, directions, layout, rates, scales, full, batch_size,
-                    with_origin):
-  """Losses of all probes in one ``jax.lax.map`` of ``batch_size``.
+#: ``Estimate -> (rates, aux)``: from a fresh estimate, the rates of one more
+#: point ``w - sum_k rates_k d_k`` whose loss is wanted, and anything else to
+#: return with it.
+FollowUp = Callable[[Estimate], tuple[jax.Array, Any]]
 
-  One map over every probe keeps at most ``batch_size`` moved copies of the
-  parameters (and, when they are sharded, of their gathered leaves) alive,
-  whatever the number of groups. With ``with_origin``, the map's first point
-  is ``w`` itself.
+
+class FollowedUp(NamedTuple):
+  """The loss at the point a :data:`FollowUp` chose from an estimate.
+
+  Attributes:
+    rates: the point's rates, shape ``(K,)``.
+    aux: what the follow-up returned with them.
+    loss: ``L(w - sum_k rates_k d_k)``.
+  """
+
+  rates: jax.Array
+  aux: Any
+  loss: jax.Array
+
+
+def _every_group(layout: GroupLayout) -> np.ndarray:
+  return np.ones(layout.num_groups, bool)
+
+
+def follow_up_after(
+    value_fn: ValueFn,
+    params: Any,
+    directions: Any,
+    layout: GroupLayout,
+    estimate: Estimate,
+    follow_up: Union[FollowUp, None],
+) -> Union[FollowedUp, None]:
+  """Evaluates ``follow_up``'s point after the estimate (``None`` without one)."""
+  if follow_up is None:
+    return None
+  rates, aux = follow_up(estimate)
+  loss = value_fn(layout.move(params, rates, directions, _every_group(layout)))
+  return FollowedUp(rates, aux, loss)
+
+
+def _fitted(
+    losses: jax.Array, origin: jax.Array, scales: np.ndarray, k: int, full: bool
+) -> Estimate:
+  """The estimate from the probe sets' losses ``(S, n)`` and ``L(w)``."""
+  dtype = fit_dtype(losses)
+  deltas = losses.astype(dtype) - jnp.asarray(origin, dtype)
+  diag = _fit.fit_quadratics(deltas[:k], scales)
+  curvature = jnp.diag(diag.curvature)
+  if full and k > 1:
+    joint = _fit.fit_quadratics(deltas[k:], scales)
+    curvature = _fit.curvature_matrix(
+        diag.curvature, joint.curvature, _fit.pair_indices(k)
+    )
+  origin = jnp.asarray(origin, dtype)
+  unresolved = below_resolution(jnp.max(jnp.abs(deltas[:k]), axis=-1), origin)
+  return Estimate(diag.slope, curvature, diag.r_squared, origin, unresolved)
+
+
+def _losses_one_by_one(loss_at, points: jax.Array, estimate_from, follow_up):
+  """Losses at the rows of ``points``, one forward at a time.
+
+  One ``jax.lax.fori_loop`` whose body holds the only copy of the forward.
+  With ``follow_up``, the loop runs once more: that last iteration fits the
+  losses so far and evaluates the point the follow-up chooses from them,
+  inside ``jax.lax.cond``, so that this dependent forward is not compiled a
+  second time.
 
   Returns:
-    ``(losses (S, n), L(w) or None)``.
+    ``(estimate_from(losses), FollowedUp or None)``.
+  """
+  n = points.shape[0]
+  loss_type = jax.eval_shape(loss_at, points[0])
+  if follow_up is None:
+    body = lambda i, losses: losses.at[i].set(loss_at(points[i]))
+    losses = jax.lax.fori_loop(0, n, body, jnp.zeros((n,), loss_type.dtype))
+    return estimate_from(losses), None
+
+  def choose(losses: jax.Array):
+    """The follow-up's point, and what the loop hands out, from the probes."""
+    estimate = estimate_from(losses[:n])
+    rates, aux = follow_up(estimate)
+    return rates, (rates, estimate, aux)
+
+  def body(i, carry):
+    losses, found = carry
+    point, found = jax.lax.cond(i == n, choose, lambda _: (points[i], found), losses)
+    return losses.at[i].set(loss_at(point)), found
+
+  losses = jnp.zeros((n + 1,), loss_type.dtype)
+  unset = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(choose, losses)[1])
+  losses, (rates, estimate, aux) = jax.lax.fori_loop(0, n + 1, body, (losses, unset))
+  return estimate, FollowedUp(rates, aux, losses[n])
+
+
+def _probe_chunked(value_fn, params, directions, layout, rates, scales, full, batch_size,
+                   origin, follow_up):
+  """All probes in one loop over chunks of ``batch_size`` points.
+
+  At most ``batch_size`` moved copies of the parameters (and, when they are
+  sharded, of their gathered leaves) are alive at a time, whatever the number
+  of groups. When ``origin`` is None, the loop's first point is ``w``
+  itself. Chunks of 1 run in :func:`_losses_one_by_one`, with the
+  follow-up's forward in the same loop; larger chunks in ``jax.lax.map``,
+  followed by the follow-up's forward.
   """
   coeffs = probe_coefficients(layout.num_groups, scales, full)
+  with_origin = origin is None
   if with_origin:
     coeffs = np.concatenate([np.zeros((1, layout.num_groups)), coeffs])
-  every_group = np.ones(layout.num_groups, bool)
-  probe = lambda c: value_fn(layout.move(params, c * rates, directions, every_group))
-  losses = jax.lax.map(probe, jnp.asarray(coeffs, rates.dtype), batch_size=batch_size)
-  origin = losses[0] if with_origin else None
-  return losses[int(with_origin):].reshape(-1, scales.size), origin
+  points = jnp.asarray(coeffs, rates.dtype) * rates
+  loss_at = lambda c: value_fn(layout.move(params, c, directions, _every_group(layout)))
+
+  def estimate_from(losses: jax.Array) -> Estimate:
+    found = losses[0] if with_origin else origin
+    rows = losses[int(with_origin):].reshape(-1, scales.size)
+    return _fitted(rows, found, scales, layout.num_groups, full)
+
+  if batch_size == 1:
+    return _losses_one_by_one(loss_at, points, estimate_from, follow_up)
+  estimate = estimate_from(jax.lax.map(loss_at, points, batch_size=batch_size))
+  return estimate, follow_up_after(value_fn, params, directions, layout, estimate, follow_up)
 
 
 def probe_estimate(
@@ -157,38 +263,27 @@ def probe_estimate(
     full: bool,
     origin: Union[jax.Array, None],
     batch_size: Union[int, None],
-) -> Estimate:
+    follow_up: Union[FollowUp, None] = None,
+) -> tuple[Estimate, Union[FollowedUp, None]]:
   """Estimates the model from loss values at probe points (Algorithm 1).
 
   The probes come in sets, one per group (and one per pair of groups for the
   full fit). With ``batch_size=None`` each set is one ``jax.vmap`` over the
   scales that moves only the set's leaves, so whatever the loss computes from
   the other leaves alone (e.g. the layers below a head group) runs once per
-  set. With an int, all probes run in one ``jax.lax.map`` in chunks of that
-  size, which bounds memory independently of the number of groups.
-  ``origin`` is ``L(w)`` if the caller has it; ``None`` evaluates it with
-  the probes (in the same batched forward).
+  set. With an int, all probes run in one loop in chunks of that size, which
+  bounds memory independently of the number of groups. ``origin`` is
+  ``L(w)`` if the caller has it; ``None`` evaluates it with the probes (in
+  the same batched forward). ``follow_up``, if given, picks one more point
+  from the estimate; its loss comes back as a :class:`FollowedUp`.
   """
-  k = layout.num_groups
   batched = (value_fn, params, directions, layout, rates, scales, full)
+  if batch_size is not None:
+    return _probe_chunked(*batched, batch_size, origin, follow_up)
   with_origin = origin is None
-  if batch_size is None:
-    losses, found = _set_losses_vmapped(*batched, with_origin)
-  else:
-    losses, found = _losses_chunked(*batched, batch_size, with_origin)
-  origin = found if with_origin else origin
-  dtype = fit_dtype(losses)
-  deltas = losses.astype(dtype) - jnp.asarray(origin, dtype)
-  diag = _fit.fit_quadratics(deltas[:k], scales)
-  curvature = jnp.diag(diag.curvature)
-  if full and k > 1:
-    joint = _fit.fit_quadratics(deltas[k:], scales)
-    curvature = _fit.curvature_matrix(
-        diag.curvature, joint.curvature, _fit.pair_indices(k)
-    )
-  origin = jnp.asarray(origin, dtype)
-  unresolved = below_resolution(jnp.max(jnp.abs(deltas[:k]), axis=-1), origin)
-  return Estimate(diag.slope, curvature, diag.r_squared, origin, unresolved)
+  losses, found = _set_losses_vmapped(*batched, with_origin)
+  estimate = _fitted(losses, found if with_origin else origin, scales, layout.num_groups, full)
+  return estimate, follow_up_after(value_fn, params, directions, layout, estimate, follow_up)
 
 
 def jvp_estimate(

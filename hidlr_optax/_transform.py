@@ -313,22 +313,22 @@ def scale_by_hidlr(
         joint_factor=jnp.ones((), dtype),
     )
 
-  def estimate(value_fn, params, directions, layout, rates, value):
-    """The model along the groups; ``value`` is ``L(w)`` or None."""
+  def estimate(value_fn, params, directions, layout, rates, value, follow_up):
+    """The model along the groups, and ``follow_up``'s point evaluated (see
+    :func:`_estimators.probe_estimate`); ``value`` is ``L(w)`` or None."""
     if estimator == "jvp":
-      return _estimators.jvp_estimate(value_fn, params, directions, layout, rates, full=full)
+      est = _estimators.jvp_estimate(value_fn, params, directions, layout, rates, full=full)
+      return est, _estimators.follow_up_after(
+          value_fn, params, directions, layout, est, follow_up)
     return _estimators.probe_estimate(
         value_fn, params, directions, layout, rates, scales,
         full=full, origin=value, batch_size=_resolve_batch_size(probe_batch_size),
+        follow_up=follow_up,
     )
 
-  def check_jointly(value_fn, params, directions, layout, slopes, rates, origin, below):
+  def check_jointly(joint_loss, slopes, rates, origin, below):
     """Scales the rates of the groups above resolution (not ``below``) by
     :func:`_rule.joint_factor`; returns the rates and the factor."""
-    if not joint_check or layout.num_groups == 1:
-      return rates, jnp.ones((), rates.dtype)
-    every_group = np.ones(layout.num_groups, bool)
-    joint_loss = value_fn(layout.move(params, rates, directions, every_group))
     factor = _rule.joint_factor(jnp.where(below, jnp.nan, slopes), rates, origin, joint_loss)
     scaled = _rule.bound(rates * factor, min_learning_rate, max_learning_rate)
     return jnp.where(below, rates, scaled).astype(factor.dtype), factor
@@ -366,18 +366,30 @@ def scale_by_hidlr(
       """The state after a refresh: every per-group value is set here, so
       that a step that does not refresh leaves the state untouched."""
       rates = _stack(layout, state.learning_rates)
-      est = estimate(value_fn, params, updates, layout, rates, value)
-      proposal = _rule.propose(est, rates, min_r2=min_r2, accept=accept, full=full)
-      new_rates = _rule.next_rates(
-          rates, proposal,
-          smoothing=smoothing, max_growth=max_growth,
-          min_learning_rate=min_learning_rate, max_learning_rate=max_learning_rate,
+
+      def decide(est: _estimators.Estimate) -> tuple[jax.Array, _rule.Proposal]:
+        """The rule's next rates (the joint check's point) and proposal."""
+        proposal = _rule.propose(est, rates, min_r2=min_r2, accept=accept, full=full)
+        new_rates = _rule.next_rates(
+            rates, proposal,
+            smoothing=smoothing, max_growth=max_growth,
+            min_learning_rate=min_learning_rate, max_learning_rate=max_learning_rate,
+        )
+        return new_rates, proposal
+
+      checks_jointly = joint_check and layout.num_groups > 1
+      est, joint = estimate(
+          value_fn, params, updates, layout, rates, value, decide if checks_jointly else None
       )
       slopes = est.slope / rates
-      new_rates, factor = check_jointly(
-          value_fn, params, updates, layout, slopes, new_rates, est.origin,
-          proposal.below_resolution,
-      )
+      if checks_jointly:
+        proposal = joint.aux
+        new_rates, factor = check_jointly(
+            joint.loss, slopes, joint.rates, est.origin, proposal.below_resolution
+        )
+      else:
+        new_rates, proposal = decide(est)
+        factor = jnp.ones((), rates.dtype)
       fit_now = GroupFit(
           slope=slopes,
           curvature=jnp.diagonal(est.curvature) / rates**2,

@@ -616,6 +616,35 @@ def test_joint_check_costs_one_forward_per_refresh_and_only_for_several_groups()
   assert counts == {(True, True): 10, (True, False): 9, (False, True): 5}
 
 
+def _count(jaxpr, primitive: str) -> int:
+  """How many equations of ``primitive`` a jaxpr holds, sub-jaxprs included."""
+  return sum(
+      (eqn.primitive.name == primitive)
+      + sum(_count(sub, primitive) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+      for eqn in jaxpr.eqns
+  )
+
+
+def test_joint_check_forward_is_the_probe_loops_last_iteration():
+  x = jnp.arange(12.0).reshape(4, 3)
+  loss = lambda p: jnp.sum(jnp.cosh(x @ p["w"] + p["b"]))  # cosh: in the loss only
+  p = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  forwards = {}
+  for batch_size in (1, None):
+    for joint_check in (True, False):
+      tx = hidlr_optax.hidlr(
+          optax.identity(), 1e-2, {"w": "w", "b": "b"},
+          probe_batch_size=batch_size, joint_check=joint_check,
+      )
+      s = tx.init(p)
+      jaxpr = jax.make_jaxpr(lambda p, s: tx.update(p, s, p, value_fn=loss, refresh=True))(p, s)
+      forwards[batch_size, joint_check] = _count(jaxpr.jaxpr, "cosh")
+  # One probe at a time: one forward in the program, the joint check included.
+  assert forwards[1, True] == forwards[1, False] == 1
+  # One vmap per group's probes: a forward per group, and one more for the check.
+  assert forwards[None, True] == forwards[None, False] + 1 == 3
+
+
 # --------------------------------------------------------------------------
 # Probe batching.
 
@@ -676,13 +705,13 @@ def test_estimates_carry_the_loss_at_the_parameters(estimator, batch_size):
   if estimator == "jvp":
     est = _estimators.jvp_estimate(loss, params, params, layout, rates, full=False)
   else:
-    est = _estimators.probe_estimate(
+    est, _ = _estimators.probe_estimate(
         loss, params, params, layout, rates, np.asarray([-2.0, -1.0, 1.0, 2.0]),
         full=False, origin=None, batch_size=batch_size,
     )
   np.testing.assert_allclose(est.origin, loss(params), rtol=1e-6)
   if estimator == "probe":  # the same fit as with the origin given
-    given = _estimators.probe_estimate(
+    given, _ = _estimators.probe_estimate(
         loss, params, params, layout, rates, np.asarray([-2.0, -1.0, 1.0, 2.0]),
         full=False, origin=loss(params), batch_size=batch_size,
     )
