@@ -241,13 +241,14 @@ def scale_by_hidlr(
     probe_batch_size: for ``estimator="probe"``: ``None`` evaluates each
       group's probes in one ``jax.vmap`` that moves only that group's leaves,
       so what depends on the other leaves alone is computed once per group
-      (fastest on accelerators); an int evaluates all probes in one
-      ``jax.lax.map`` in chunks of that size, so at most that many moved
-      copies of the parameters are alive whatever the number of groups
-      (least memory); ``"auto"`` is ``1`` when the default backend is the
-      CPU, where the vmapped probes' temporaries are allocated on every step
-      and double the peak memory for a refresh about 10% faster, and
-      ``None`` on GPU and TPU.
+      (fastest on accelerators); an int evaluates all probes in one loop
+      over chunks of that size, so at most that many moved copies of the
+      parameters are alive whatever the number of groups (least memory;
+      with chunks of 1 the joint check's forward is the loop's last
+      iteration, so the step compiles one forward); ``"auto"`` is ``1``
+      when the default backend is the CPU, where the vmapped probes'
+      temporaries are allocated on every step and double the peak memory
+      for a refresh about 10% faster, and ``None`` on GPU and TPU.
     joint_check: for ``K > 1``, check the combined step after each refresh
       and shrink all rates when it overshoots (one extra forward per
       refresh); ``False`` for the paper's rule alone.
