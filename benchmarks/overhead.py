@@ -21,7 +21,7 @@ Cost model (paper, Appendix C): base ``F + B + C``; Hi-DLR
 
 Usage::
 
-  nice -n 10 python -m benchmarks.overhead            # full CPU run (~26 min)
+  nice -n 10 python -m benchmarks.overhead            # full CPU run (~35 min)
   python -m benchmarks.overhead --quick --out /tmp/o.md  # tiny sizes, seconds
 """
 
@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import subprocess
@@ -446,18 +447,19 @@ def fault_table(bench: Bench, steps: int = 20) -> str:
   return table(["step", "minor page faults per step", "temporaries MiB"], rows)
 
 
-def compile_times(bench: Bench, variants: dict[str, Variant],
-                  reps: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def compile_times(bench: Bench, variants: dict[str, Variant], reps: int
+                  ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]]]:
   """Trace + lower and XLA compile wall times of fresh steps, the variants'
   repetitions interleaved, after one untimed pass (JAX's own first-use costs).
 
   Returns:
-    ``({name: seconds (reps, 2)}, {name: fusions in the compiled HLO}).``
+    ``({name: seconds (reps, 2)}, {name: (fusions, distinct fusions)})``,
+    the counts from the compiled HLO (see :func:`distinct_fusions`).
   """
   for v in variants.values():
     bench.lower(v)[0].compile()
   times = {n: [] for n in variants}
-  fusions = {}
+  kernels = {}
   for r in range(reps):
     for n, v in variants.items():
       t0 = time.perf_counter()
@@ -466,30 +468,76 @@ def compile_times(bench: Bench, variants: dict[str, Variant],
       compiled = lowered.compile()
       times[n].append((t1 - t0, time.perf_counter() - t1))
       if r == 0:  # the same program every repetition
-        fusions[n] = compiled.as_text().count(" fusion(")
-  return {n: np.asarray(t) for n, t in times.items()}, fusions
+        text = compiled.as_text()
+        kernels[n] = (text.count(" fusion("), distinct_fusions(text))
+  return {n: np.asarray(t) for n, t in times.items()}, kernels
 
 
-def fusion_compile_cost(n: int = 16, reps: int = 5) -> float:
-  """XLA compile seconds per small fusion on this backend.
+_HLO_NAME = re.compile(r"%[\w.\-]+")
 
-  Two fresh programs: one with ``n`` scalar outputs, each a slice of one
-  vector plus 1 (a fusion of its own), and one with a single such output;
-  the difference of their median compile times over ``n - 1``.
+
+def distinct_fusions(hlo_text: str) -> int:
+  """The number of fusions of an HLO module that differ in what they compute.
+
+  Fusion bodies are compared with their names and metadata normalised away
+  (names renumbered in order of appearance), and the computations a body
+  calls (a reduction's ``to_apply``) compared by their own bodies. XLA:CPU
+  compiles fusions with identical bodies once (:func:`fusion_compile_costs`
+  measures both kinds), so compile time follows this count, not the number
+  of fusions.
   """
-  x = jnp.arange(float(n))
+  bodies: dict[str, list[str]] = {}
+  name = None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?(%[\w.\-]+) \(", line)
+    if head:
+      name = head.group(1)
+      bodies[name] = []
+    elif line.strip() == "}":
+      name = None
+    elif name:
+      bodies[name].append(re.sub(r", metadata=\{.*?\}(?=,|$)", "", line.strip()))
 
-  def seconds(outputs: int) -> float:
+  def canonical(comp: str) -> str:
+    local: dict[str, str] = {}
+
+    def rename(m: re.Match) -> str:
+      ref = m.group(0)
+      if ref in bodies and ref != comp:
+        return "{" + canonical(ref) + "}"
+      return local.setdefault(ref, f"%{len(local)}")
+
+    return "\n".join(_HLO_NAME.sub(rename, line) for line in bodies[comp])
+
+  called = set(re.findall(r" fusion\(.*?calls=(%[\w.\-]+)", hlo_text))
+  return len({canonical(c) for c in called})
+
+
+def fusion_compile_costs(n: int = 16, reps: int = 5) -> tuple[float, float]:
+  """XLA compile seconds per small fusion on this backend, ``(distinct,
+  identical)``.
+
+  Fresh programs with ``n`` outputs, each one fusion ``2 x_i + c_i`` of an
+  input of its own: with a different constant ``c_i`` in every output
+  (distinct bodies), and with the same one (identical bodies). Each count
+  against a program with one such output: the difference of their median
+  compile times over ``n - 1``.
+  """
+
+  def seconds(outputs: int, same: bool) -> float:
     times = []
-    for _ in range(reps):
-      fn = jax.jit(lambda x: tuple(x[i] + 1 for i in range(outputs)))
-      lowered = fn.lower(x)
+    for r in range(reps):
+      xs = [jnp.ones(100 + r)] * outputs  # a new shape each time: nothing cached
+      body = lambda *xs: tuple(2 * x + (1.0 if same else i + 1.0) for i, x in enumerate(xs))
+      lowered = jax.jit(body).lower(*xs)
       t0 = time.perf_counter()
       lowered.compile()
       times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
-  return (seconds(n) - seconds(1)) / (n - 1)
+  one = seconds(1, True)
+  distinct, identical = ((seconds(n, same) - one) / (n - 1) for same in (False, True))
+  return distinct, identical
 
 
 def compile_table(bench: Bench, reps: int) -> tuple[str, float]:
@@ -512,21 +560,29 @@ def compile_table(bench: Bench, reps: int) -> tuple[str, float]:
           k=HEADLINE_K, bare_cond=True, bare_probes=probes),
   }
   targeted = f"Hi-DLR {_auto_batching()}"  # the default settings on this backend
-  times, fusions = compile_times(bench, variants, reps)
+  times, kernels = compile_times(bench, variants, reps)
   totals = {n: float(np.median(ts.sum(axis=1))) for n, ts in times.items()}
+  xla = {n: float(np.median(ts[:, 1])) for n, ts in times.items()}
+  base = "base (adam)"
   rows = []
   for n, ts in times.items():
-    front, xla = np.median(ts, axis=0)
-    rows.append([n, float(front), float(xla), totals[n], totals[n] / totals["base (adam)"],
-                 fusions[n]])
+    fusions, distinct = kernels[n]
+    added = distinct - kernels[base][1]
+    per_added = (xla[n] - xla[base]) / added * 1e3 if added > 0 else ""
+    rows.append([n, float(np.median(ts[:, 0])), xla[n], totals[n], totals[n] / totals[base],
+                 fusions, distinct, per_added])
   default_ratio = next(r[4] for r in rows if r[0] == targeted)
   header = ["step", "trace + lower s", "XLA compile s", "total s (median)",
-            "ratio to base (target <= 2)", "fusions in the compiled HLO"]
-  per_fusion = fusion_compile_cost()
-  note = (f"XLA compiles each fusion as a kernel of its own: {per_fusion * 1e3:.1f} ms per small"
-          " fusion here (a program of 16 scalar outputs, one fusion each, against one of 1;"
-          " `fusion_compile_cost`), so every kernel the step adds costs compile time,"
-          " however little it computes.")
+            "ratio to base (target <= 2)", "fusions in the compiled HLO",
+            "distinct fusions", "XLA ms per distinct fusion added to the base's"]
+  distinct_cost, identical_cost = fusion_compile_costs()
+  note = (f"XLA:CPU compiles each distinct fusion as a kernel of its own, and identical"
+          f" ones once: {distinct_cost * 1e3:.1f} ms per added fusion with a body of its"
+          f" own, {identical_cost * 1e3:.1f} ms per added copy of the same body (programs of"
+          " 16 small fusions against one; `fusion_compile_costs`). So compile time follows"
+          " the distinct fusions (`distinct_fusions`: bodies compared with names and metadata"
+          " normalised away), however little each computes; the last column divides each"
+          " step's extra XLA time by the distinct fusions it adds to the base's.")
   return table(header, rows) + "\n\n" + note, default_ratio
 
 
@@ -685,7 +741,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--clock", choices=tuple(CLOCK), default="wall",
                  help="step timer: wall time, or this process's CPU time (CPU only)")
   p.add_argument("--compile-reps", type=int, default=None,
-                 help="repetitions of the compile-time table (default 5, 1 with --quick)")
+                 help="repetitions of the compile-time table (default 11, 1 with --quick)")
   p.add_argument("--device-peaks", nargs="*", default=[],
                  help="models whose device peak memory is also measured, each"
                       " variant in a child process (GPU)")
@@ -699,7 +755,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     cpu = jax.default_backend() == "cpu"
     args.reps = ({"mlp": 15, "lora": 9, "transformer": 5} if cpu
                  else {"mlp": 30, "lora": 30, "transformer": 30})
-    compile_reps, args.ks, args.phis = 5, (1, 2, 4, 8), (1, 2, 4, 8, 16)
+    compile_reps, args.ks, args.phis = 11, (1, 2, 4, 8), (1, 2, 4, 8, 16)
     args.batchings = ("chunk1", "chunk2", "chunk4", "vmap")
   args.compile_reps = args.compile_reps or compile_reps
   args.estimators = ("probe", "jvp")
