@@ -8,6 +8,7 @@ single group it is GeN (Bu & Xu, arXiv:2407.02772).
 from hidlr_optax._grouping import SINGLE_GROUP_LABEL, SliceLabels, per_slice
 from hidlr_optax._state import (
     GroupFit,
+    PerGroup,
     ScaleByHiDLRState,
     find_states,
     fit_diagnostics,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GroupFit",
+    "PerGroup",
     "SINGLE_GROUP_LABEL",
     "STATIC_ARGS",
     "ScaleByHiDLRState",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -29,13 +30,82 @@ class GroupFit(NamedTuple):
   below_resolution: jax.Array
 
 
+class PerGroup(Mapping):
+  """Per-group values, stacked along a leading axis, read by label.
+
+  A pytree whose one child, ``stacked``, is a pytree of arrays with one entry
+  per group along their leading axis (in the order of ``labels``, which are
+  static). The jitted step reads and writes all groups' values at once, with
+  no per-group slices: each distinct slice is a kernel of its own for XLA to
+  compile, which made compile time grow with the number of groups. As a
+  read-only :class:`~collections.abc.Mapping` it gives one group's value by
+  its label.
+
+  Attributes:
+    labels: the groups' labels, in the order of the leading axis.
+    stacked: the values, stacked.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> rates = PerGroup(('body', 'head'), jnp.array([0.25, 0.5]))
+    >>> float(rates['head']), list(rates), rates.stacked.shape
+    (0.5, ['body', 'head'], (2,))
+  """
+
+  __slots__ = ("labels", "stacked")
+
+  def __init__(self, labels: Sequence[Label], stacked: Any):
+    self.labels = tuple(labels)
+    self.stacked = stacked
+
+  def __getitem__(self, label: Label) -> Any:
+    try:
+      k = self.labels.index(label)
+    except ValueError:
+      raise KeyError(label) from None
+    # Framework containers (``flax.nnx`` variables) are unwrapped, not mapped.
+    return jax.tree.map(
+        lambda x: _value(x)[k], self.stacked, is_leaf=lambda x: not isinstance(x, tuple)
+    )
+
+  def __iter__(self) -> Iterator[Label]:
+    return iter(self.labels)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __eq__(self, other: Any) -> Any:
+    # As pytree nodes compare: labels and values, whatever the values hold.
+    if not isinstance(other, PerGroup):
+      return NotImplemented
+    return self.labels == other.labels and self.stacked == other.stacked
+
+  __hash__ = None
+
+  def __repr__(self) -> str:
+    return f"PerGroup(labels={self.labels!r}, stacked={self.stacked!r})"
+
+
+jax.tree_util.register_pytree_with_keys(
+    PerGroup,
+    lambda g: (((jax.tree_util.GetAttrKey("stacked"), g.stacked),), g.labels),
+    lambda labels, children: PerGroup(labels, children[0]),
+    flatten_func=lambda g: ((g.stacked,), g.labels),
+)
+
+
 class ScaleByHiDLRState(NamedTuple):
   """State of :func:`hidlr_optax.scale_by_hidlr`; a plain pytree.
+
+  The per-group fields are :class:`PerGroup` mappings: ``state.learning_rates
+  ['head']`` is one group's rate, ``state.learning_rates.stacked`` all of them
+  as one array of shape ``(K,)``.
 
   Attributes:
     count: number of updates so far (int32).
     learning_rates: ``{label: eta}``, the current rate of every group.
-    fits: ``{label: GroupFit}``, diagnostics of the last refresh.
+    fits: ``{label: GroupFit}``, diagnostics of the last refresh (its
+      ``stacked`` is one :class:`GroupFit` of ``(K,)`` arrays).
     num_refreshes: number of refreshes tried (int32).
     num_accepted: ``{label: n}``, refreshes whose fit set each group's rate.
     joint_factor: the factor by which the joint check of the last refresh
@@ -45,10 +115,10 @@ class ScaleByHiDLRState(NamedTuple):
   """
 
   count: jax.Array
-  learning_rates: dict[Label, jax.Array]
-  fits: dict[Label, GroupFit]
+  learning_rates: PerGroup
+  fits: PerGroup
   num_refreshes: jax.Array
-  num_accepted: dict[Label, jax.Array]
+  num_accepted: PerGroup
   joint_factor: jax.Array
 
 
@@ -100,8 +170,7 @@ def learning_rates(opt_state: Any) -> dict[Label, jax.Array]:
     >>> hidlr_optax.learning_rates(tx.init({'w': jnp.zeros(3)}))
     {'all': Array(0.001, dtype=float32)}
   """
-  state = _single_state(opt_state)
-  return {k: _value(v) for k, v in state.learning_rates.items()}
+  return dict(_single_state(opt_state).learning_rates)
 
 
 def fit_diagnostics(opt_state: Any) -> dict[Label, GroupFit]:
@@ -122,7 +191,4 @@ def fit_diagnostics(opt_state: Any) -> dict[Label, GroupFit]:
     >>> sorted(fits['all']._fields)
     ['accepted', 'below_resolution', 'curvature', 'r_squared', 'slope']
   """
-  state = _single_state(opt_state)
-  return {
-      k: GroupFit(*(_value(x) for x in fit)) for k, fit in state.fits.items()
-  }
+  return dict(_single_state(opt_state).fits)

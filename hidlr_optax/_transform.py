@@ -17,8 +17,8 @@ import numpy as np
 import optax
 
 from hidlr_optax import _estimators, _fit, _rule
-from hidlr_optax._grouping import GroupLayout, Label, LabelsOrFn, build_layout, initial_rates
-from hidlr_optax._state import GroupFit, ScaleByHiDLRState
+from hidlr_optax._grouping import Label, LabelsOrFn, build_layout, initial_rates
+from hidlr_optax._state import GroupFit, PerGroup, ScaleByHiDLRState
 
 Scalar = Union[float, jax.Array]
 LearningRate = Union[Scalar, Mapping[Label, Scalar]]
@@ -118,20 +118,10 @@ def _rate_dtype(params: Any) -> jnp.dtype:
   return jnp.promote_types(optax.tree.dtype(params, "highest"), jnp.float32)
 
 
-def _as_dict(layout: GroupLayout, values: jax.Array) -> dict:
-  return {label: values[k] for k, label in enumerate(layout.labels)}
-
-
-def _stack(layout: GroupLayout, mapping: Mapping) -> jax.Array:
-  return jnp.stack([jnp.asarray(mapping[label]) for label in layout.labels])
-
-
-def _empty_fits(layout: GroupLayout, dtype) -> dict[Label, GroupFit]:
-  nan = jnp.full((), jnp.nan, dtype)
-  return {
-      label: GroupFit(nan, nan, nan, jnp.zeros((), bool), jnp.zeros((), bool))
-      for label in layout.labels
-  }
+def _empty_fits(num_groups: int, dtype) -> GroupFit:
+  nan = jnp.full((num_groups,), jnp.nan, dtype)
+  no = jnp.zeros((num_groups,), bool)
+  return GroupFit(nan, nan, nan, no, no)
 
 
 def scale_by_hidlr(
@@ -304,13 +294,12 @@ def scale_by_hidlr(
     layout = build_layout(param_labels, params)
     dtype = _rate_dtype(params)
     rates = jnp.asarray(initial_rates(learning_rate, layout), dtype)
-    zero = jnp.zeros((), jnp.int32)
     return ScaleByHiDLRState(
-        count=zero,
-        learning_rates=_as_dict(layout, rates),
-        fits=_empty_fits(layout, dtype),
-        num_refreshes=zero,
-        num_accepted={label: zero for label in layout.labels},
+        count=jnp.zeros((), jnp.int32),
+        learning_rates=PerGroup(layout.labels, rates),
+        fits=PerGroup(layout.labels, _empty_fits(layout.num_groups, dtype)),
+        num_refreshes=jnp.zeros((), jnp.int32),
+        num_accepted=PerGroup(layout.labels, jnp.zeros((layout.num_groups,), jnp.int32)),
         joint_factor=jnp.ones((), dtype),
     )
 
@@ -366,7 +355,7 @@ def scale_by_hidlr(
     def refreshed(state: ScaleByHiDLRState) -> ScaleByHiDLRState:
       """The state after a refresh: every per-group value is set here, so
       that a step that does not refresh leaves the state untouched."""
-      rates = _stack(layout, state.learning_rates)
+      rates = state.learning_rates.stacked
 
       def decide(est: _estimators.Estimate) -> tuple[jax.Array, _rule.Proposal]:
         """The rule's next rates (the joint check's point) and proposal."""
@@ -399,18 +388,14 @@ def scale_by_hidlr(
           below_resolution=proposal.below_resolution,
       )
       return state._replace(
-          learning_rates=_as_dict(layout, new_rates.astype(rates.dtype)),
-          fits={
-              label: GroupFit(*(
-                  x[k].astype(old.dtype) for x, old in zip(fit_now, state.fits[label])
-              ))
-              for k, label in enumerate(layout.labels)
-          },
+          learning_rates=PerGroup(layout.labels, new_rates.astype(rates.dtype)),
+          fits=PerGroup(layout.labels, GroupFit(*(
+              x.astype(old.dtype) for x, old in zip(fit_now, state.fits.stacked)
+          ))),
           num_refreshes=state.num_refreshes + 1,
-          num_accepted={
-              label: state.num_accepted[label] + proposal.accepted[k].astype(jnp.int32)
-              for k, label in enumerate(layout.labels)
-          },
+          num_accepted=PerGroup(
+              layout.labels, state.num_accepted.stacked + proposal.accepted.astype(jnp.int32)
+          ),
           joint_factor=factor.astype(state.joint_factor.dtype),
       )
 
@@ -420,7 +405,7 @@ def scale_by_hidlr(
       state = refreshed(state) if refresh else state
     else:
       state = jax.lax.cond(refresh, refreshed, lambda s: s, state)
-    scaled = layout.scale(-_stack(layout, state.learning_rates), updates)
+    scaled = layout.scale(-state.learning_rates.stacked, updates)
     updates = jax.tree.map(lambda u, p: u.astype(p.dtype), scaled, params)
     return updates, state._replace(count=optax.safe_increment(state.count))
 
