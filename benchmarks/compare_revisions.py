@@ -119,6 +119,9 @@ def _compile_ratios(models: Sequence[str], num_groups: int) -> Callable[[int, bo
   return run
 
 
+_COMPILE_METRIC = ("compile time of the Hi-DLR step / the base step's, both compiled in turn"
+                   " in one process (benchmarks.overhead.compile_times)")
+
 TASKS = {
     "california-mlp": Task(
         "California housing, MLP 8-64-64-1, 50 epochs (examples/california_mlp.py)",
@@ -144,16 +147,14 @@ TASKS = {
         "compile time (trace + lower + XLA compile) of the jitted train step, Hi-DLR over"
         " Adam at its default settings (K = 2, Phi = 8) against Adam alone, on the MLP and"
         " LoRA models of benchmarks/overhead.py",
-        "compile time of the Hi-DLR step / the base step's, both compiled in turn in one"
-        " process (benchmarks.overhead.compile_times)",
+        _COMPILE_METRIC,
         _compile_ratios(["mlp", "lora"], 2),
         repeat="repetition",
     ),
     "compile-k8": Task(
         "compile time as for `compile`, with K = 8 groups (on the MLP, whose 3 layers are"
         " fewer than 8, every leaf's last axis dealt round-robin over the groups)",
-        "compile time of the Hi-DLR step / the base step's, both compiled in turn in one"
-        " process (benchmarks.overhead.compile_times)",
+        _COMPILE_METRIC,
         _compile_ratios(["mlp"], 8),
         repeat="repetition",
     ),

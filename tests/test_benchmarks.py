@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _models, overhead
@@ -76,9 +78,6 @@ def test_overhead_quick_writes_tables_of_finite_positive_numbers(tmp_path):
 
 
 def test_distinct_fusions_counts_identical_bodies_once():
-  import jax
-  import jax.numpy as jnp
-
   xs = [jnp.ones(7)] * 4
   hlo = lambda f: jax.jit(f).lower(*xs).compile().as_text()
   same = hlo(lambda *xs: tuple(2 * x + 1.0 for x in xs))
