@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -88,6 +89,31 @@ def test_distinct_fusions_counts_identical_bodies_once():
   # A reduction's body is part of what a fusion computes.
   reduce = hlo(lambda *xs: (jnp.sum(jnp.exp(xs[0])), jnp.max(jnp.exp(xs[1]))))
   assert overhead.distinct_fusions(reduce) == reduce.count(" fusion(")
+
+
+def test_bare_conditional_recomputing_its_direction_updates_as_the_plain_one_in_place():
+  bench = overhead.Bench.create(_models.build("mlp", quick=True))
+  plain = overhead.Variant(k=2, bare_cond=True, update_every=2)
+  recomputing = overhead.Variant(k=2, bare_cond=True, bare_recompute=True, update_every=2)
+  params = {}
+  for v in (plain, recomputing):
+    step, tx = bench.compile(v)
+    p, state = bench.model.params, tx.init(bench.model.params)
+    for _ in range(3):  # fires at steps 0 and 2
+      p, state, _ = step(p, state, bench.model.frozen, bench.batch, bench.probe_batch)
+    params[v] = p
+  np.testing.assert_allclose(
+      jax.flatten_util.ravel_pytree(params[plain])[0],
+      jax.flatten_util.ravel_pytree(params[recomputing])[0], rtol=1e-6, atol=1e-7)
+  # Adam's update is ordered after the branch that reads its old state, so
+  # the donated state is updated in place, not copied (a copy of Adam's two
+  # moments would add twice the parameters' bytes).
+  peak = lambda m: (m.argument_size_in_bytes + m.output_size_in_bytes
+                    - m.alias_size_in_bytes + m.temp_size_in_bytes)
+  peaks = {v: peak(bench.compile(v, donate=True)[0].memory_analysis())
+           for v in (plain, recomputing)}
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(bench.model.params))
+  assert peaks[recomputing] - peaks[plain] < 0.25 * param_bytes, (peaks, param_bytes)
 
 
 def test_cost_model_formulas():
