@@ -21,7 +21,9 @@ initialisation and the batch order, and for the synthetic task the data).
 
 The ``compile`` task compares compile times instead: each repetition
 compiles the base step and Hi-DLR's in turn in the revision's child process
-and keeps their ratio, so that every value is measured side by side.
+and keeps their ratio, so that every value is measured side by side. The
+``step`` task does the same for step times (interleaved repetitions) and
+adds the peak memory of the donated step.
 
 Usage::
 
@@ -119,6 +121,30 @@ def _compile_ratios(models: Sequence[str], num_groups: int) -> Callable[[int, bo
   return run
 
 
+def _step_costs(models: Sequence[str], num_groups: int) -> Callable[[int, bool], PerSeed]:
+  def run(num_reps: int, quick: bool) -> PerSeed:
+    from benchmarks import _models, overhead
+
+    values: PerSeed = {}
+    for model in models:
+      bench = overhead.Bench.create(_models.build(model, quick))
+      v = overhead.Variant(k=num_groups)
+      thunks = {"base": bench.step_call(overhead.BASE),
+                "step that does not refresh": bench.step_call(v, count=1),
+                "refresh step": bench.step_call(v, count=0)}
+      peak = (overhead.peak_bytes(bench.compile(v, donate=True)[0])
+              / overhead.peak_bytes(bench.compile(overhead.BASE, donate=True)[0]))
+      for _ in range(num_reps):
+        times = overhead.interleaved(thunks, 3 if quick else 15)
+        for name in ("step that does not refresh", "refresh step"):
+          ratio = float(np.median(times[name] / times["base"]))
+          values.setdefault(f"{model}: Hi-DLR {name} / base", []).append(ratio)
+        values.setdefault(f"{model}: peak memory / base (donated)", []).append(peak)
+    return values
+
+  return run
+
+
 _COMPILE_METRIC = ("compile time of the Hi-DLR step / the base step's, both compiled in turn"
                    " in one process (benchmarks.overhead.compile_times)")
 
@@ -149,6 +175,15 @@ TASKS = {
         " LoRA models of benchmarks/overhead.py",
         _COMPILE_METRIC,
         _compile_ratios(["mlp", "lora"], 2),
+        repeat="repetition",
+    ),
+    "step": Task(
+        "step time of the jitted train step, Hi-DLR over Adam at its default settings"
+        " (K = 2, Phi = 8) against Adam alone, on the MLP of benchmarks/overhead.py, and"
+        " peak memory by XLA's buffer assignment with params and state donated",
+        "Hi-DLR / base: each step time the median over 15 interleaved repetitions of the"
+        " paired ratio (benchmarks.overhead.interleaved); the memory ratio is deterministic",
+        _step_costs(["mlp"], 2),
         repeat="repetition",
     ),
     "compile-k8": Task(

@@ -626,6 +626,14 @@ def compile_table(bench: Bench, reps: int) -> tuple[str, float]:
   return table(header, rows) + "\n\n" + note, default_ratio
 
 
+def peak_bytes(compiled) -> int:
+  """Peak memory of a compiled step by XLA's buffer assignment: arguments +
+  outputs - aliased (donated) + temporaries."""
+  m = compiled.memory_analysis()
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes)
+
+
 def memory_table(bench: Bench, device_peaks: bool) -> tuple[str, float]:
   """XLA's buffer assignment of the donated step (deterministic)."""
   variants = {"base (adam)": BASE,
@@ -641,7 +649,7 @@ def memory_table(bench: Bench, device_peaks: bool) -> tuple[str, float]:
   for n, v in variants.items():
     step, _ = bench.compile(v, donate=True)
     m = step.memory_analysis()
-    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    peak = peak_bytes(step)
     base_peak = base_peak or peak
     if v == Variant(k=HEADLINE_K, batching="chunk1"):
       chunk1 = peak / base_peak

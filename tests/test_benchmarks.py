@@ -108,9 +108,7 @@ def test_bare_conditional_recomputing_its_direction_updates_as_the_plain_one_in_
   # Adam's update is ordered after the branch that reads its old state, so
   # the donated state is updated in place, not copied (a copy of Adam's two
   # moments would add twice the parameters' bytes).
-  peak = lambda m: (m.argument_size_in_bytes + m.output_size_in_bytes
-                    - m.alias_size_in_bytes + m.temp_size_in_bytes)
-  peaks = {v: peak(bench.compile(v, donate=True)[0].memory_analysis())
+  peaks = {v: overhead.peak_bytes(bench.compile(v, donate=True)[0])
            for v in (plain, recomputing)}
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(bench.model.params))
   assert peaks[recomputing] - peaks[plain] < 0.25 * param_bytes, (peaks, param_bytes)
@@ -194,3 +192,20 @@ def test_a_directory_revision_carries_its_diff_from_head(tmp_path):
   cr.copy_core("HEAD", rebuilt)
   subprocess.run(["patch", "-p1", "-s"], input=diff, text=True, cwd=rebuilt, check=True)
   assert (rebuilt / "hidlr_optax" / "_rule.py").read_text() == rule.read_text()
+
+
+def test_the_step_task_measures_step_time_and_memory_ratios():
+  from benchmarks import compare_revisions as cr
+  values = cr.TASKS["step"].run(2, True)
+  assert sorted(values) == ["mlp: Hi-DLR refresh step / base",
+                            "mlp: Hi-DLR step that does not refresh / base",
+                            "mlp: peak memory / base (donated)"]
+  assert all(len(v) == 2 and all(math.isfinite(x) and x > 0 for x in v)
+             for v in values.values())
+  # A refresh runs the probes' forwards on top of the step: it costs more
+  # than the base step and than a step that does not refresh.
+  refresh = values["mlp: Hi-DLR refresh step / base"]
+  plain = values["mlp: Hi-DLR step that does not refresh / base"]
+  assert all(r > 1 and r > p for r, p in zip(refresh, plain))
+  memory = values["mlp: peak memory / base (donated)"]
+  assert memory[0] == memory[1] >= 1  # deterministic: XLA's buffer assignment
