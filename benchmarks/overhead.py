@@ -788,7 +788,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--models", nargs="+", default=["mlp", "lora", "transformer"])
   p.add_argument("--grid-models", nargs="*", default=None,
                  help="models that get the full K x estimator x batching grid"
-                      " (none when given empty)")
+                      " (default: every model of --models; none when given empty)")
   p.add_argument("--out", default=None, help="markdown file to write")
   p.add_argument("--clock", choices=tuple(CLOCK), default="wall",
                  help="step timer: wall time, or this process's CPU time (CPU only)")
@@ -811,9 +811,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     args.batchings = ("chunk1", "chunk2", "chunk4", "vmap")
   args.compile_reps = args.compile_reps or compile_reps
   args.estimators = ("probe", "jvp")
-  if args.grid_models is None:  # the whole grid is affordable on CPU for the MLP only
-    cpu = jax.default_backend() == "cpu"
-    args.grid_models = ["mlp"] if cpu and not args.quick else args.models
+  if args.grid_models is None:
+    args.grid_models = args.models
   if args.out is None:
     args.out = f"benchmarks/results/overhead_{jax.default_backend()}.md"
   return args
