@@ -43,13 +43,15 @@ class Estimate(NamedTuple):
 
   Attributes:
     slope: ``beta``, shape ``(K,)``.
-    curvature: ``M``, shape ``(K, K)`` (only the diagonal is estimated for
-      the diagonal fit; the rest is zero).
+    curvature: the diagonal ``M_kk``, shape ``(K,)``.
     r_squared: fit quality per group, shape ``(K,)`` (1 for ``"jvp"``).
     origin: the loss at the parameters, ``L(w)``.
     below_resolution: per group, whether its step changes the (finite) loss
       by no more than rounding (see :func:`loss_resolution`), shape
       ``(K,)``; such a group's slope and curvature are rounding noise.
+    curvature_matrix: the whole ``M``, shape ``(K, K)``, when the joint
+      moves of pairs of groups were estimated too (the full fit with
+      ``K > 1``); ``None`` otherwise.
   """
 
   slope: jax.Array
@@ -57,6 +59,7 @@ class Estimate(NamedTuple):
   r_squared: jax.Array
   origin: jax.Array
   below_resolution: jax.Array
+  curvature_matrix: Union[jax.Array, None]
 
 
 #: A loss change no larger than this many units in the last place of the loss
@@ -176,15 +179,14 @@ def _fitted(
   dtype = fit_dtype(losses)
   deltas = losses.astype(dtype) - jnp.asarray(origin, dtype)
   diag = _fit.fit_quadratics(deltas[:k], scales)
-  curvature = jnp.diag(diag.curvature)
+  matrix = None
   if full and k > 1:
     joint = _fit.fit_quadratics(deltas[k:], scales)
-    curvature = _fit.curvature_matrix(
-        diag.curvature, joint.curvature, _fit.pair_indices(k)
-    )
+    matrix = _fit.curvature_matrix(diag.curvature, joint.curvature, _fit.pair_indices(k))
   origin = jnp.asarray(origin, dtype)
-  unresolved = below_resolution(jnp.max(jnp.abs(deltas[:k]), axis=-1), origin)
-  return Estimate(diag.slope, curvature, diag.r_squared, origin, unresolved)
+  largest = _fit.fold_last_axis(jnp.maximum, jnp.abs(deltas[:k]))
+  unresolved = below_resolution(largest, origin)
+  return Estimate(diag.slope, diag.curvature, diag.r_squared, origin, unresolved, matrix)
 
 
 def _losses_one_by_one(loss_at, points: jax.Array, estimate_from, follow_up):
@@ -322,7 +324,9 @@ def jvp_estimate(
   dtype = fit_dtype(first)
   slope = -first[:k].astype(dtype)
   second = second.astype(dtype)
-  curvature = _fit.set_off_diagonal(second[:k], second[k:], pairs[k:])
+  matrix = None
+  if full and k > 1:
+    matrix = _fit.set_off_diagonal(second[:k], second[k:], pairs[k:])
   origin = values[0].astype(dtype)
   unresolved = below_resolution(jnp.abs(slope) + 0.5 * jnp.abs(second[:k]), origin)
-  return Estimate(slope, curvature, jnp.ones((k,), dtype), origin, unresolved)
+  return Estimate(slope, second[:k], jnp.ones((k,), dtype), origin, unresolved, matrix)

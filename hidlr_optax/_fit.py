@@ -14,6 +14,7 @@ are fixed, so the least-squares operator is a constant matrix computed once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -59,6 +60,21 @@ def _least_squares_operator(scales: np.ndarray) -> np.ndarray:
   return np.linalg.solve(features.T @ features, features.T)
 
 
+def fold_last_axis(fn, x: jax.Array) -> jax.Array:
+  """Combines the entries of ``x`` along its last axis left to right with ``fn``.
+
+  For the few (static) entries along that axis here (probe scales, groups)
+  this replaces a reduction, for compile time: elementwise operations fuse
+  with what surrounds them, where XLA compiles each reduction as a kernel of
+  its own, and each distinct kernel adds to the step's compile time. Used
+  only where the result is the same to the last bit as the reduction it
+  replaces (``tests/test_core_semantics.py`` checks it): not for the fit's
+  row-wise sums of squares, which XLA vectorises across rows and rounds
+  differently for some numbers of rows.
+  """
+  return functools.reduce(fn, [x[..., i] for i in range(x.shape[-1])])
+
+
 def fit_quadratics(deltas: jax.Array, scales: np.ndarray) -> QuadraticFit:
   """Fits every row of ``deltas`` by least squares, without intercept.
 
@@ -76,7 +92,7 @@ def fit_quadratics(deltas: jax.Array, scales: np.ndarray) -> QuadraticFit:
   features = jnp.asarray(_features(scales), dtype)
   residual = deltas - coeffs @ features.T
   ss_res = jnp.sum(residual**2, axis=-1)
-  centred = deltas - jnp.mean(deltas, axis=-1, keepdims=True)
+  centred = deltas - (fold_last_axis(jnp.add, deltas) / scales.size)[:, None]
   ss_tot = jnp.sum(centred**2, axis=-1)
   safe_tot = jnp.where(ss_tot > 0, ss_tot, 1)
   r_squared = jnp.where(ss_tot > 0, 1 - ss_res / safe_tot, 0)

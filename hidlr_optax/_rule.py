@@ -53,7 +53,7 @@ def propose(
   solution is valid; otherwise the diagonal ``eta*_k = eta_k beta_k / M_kk``.
   """
   slope, r2 = estimate.slope, estimate.r_squared
-  diag = jnp.diagonal(estimate.curvature)
+  diag = estimate.curvature
   below = estimate.below_resolution
   passes = (
       ~below
@@ -66,8 +66,8 @@ def propose(
   )
   safe_diag = jnp.where(passes, diag, 1)
   optimal = rates * jnp.where(passes, slope / safe_diag, 1)
-  if full and rates.shape[0] > 1:
-    joint, joint_ok = _fit.solve_full(slope, estimate.curvature)
+  if full and estimate.curvature_matrix is not None:
+    joint, joint_ok = _fit.solve_full(slope, estimate.curvature_matrix)
     use_joint = joint_ok & jnp.all(passes)
     optimal = jnp.where(use_joint, rates * joint, optimal)
   if accept == "all":

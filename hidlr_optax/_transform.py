@@ -382,7 +382,7 @@ def scale_by_hidlr(
         factor = jnp.ones((), rates.dtype)
       fit_now = GroupFit(
           slope=slopes,
-          curvature=jnp.diagonal(est.curvature) / rates**2,
+          curvature=est.curvature / rates**2,
           r_squared=est.r_squared,
           accepted=proposal.accepted,
           below_resolution=proposal.below_resolution,

@@ -88,6 +88,39 @@ def test_fit_r2_matches_independent_least_squares():
     np.testing.assert_allclose([slope, curv, r2], [*coef, want_r2], rtol=1e-4, atol=1e-5)
 
 
+def test_folds_round_exactly_as_the_reductions_they_replace():
+  # The fit folds its few probe values elementwise where a reduction would
+  # be one more kernel to compile; that must not change a single bit of what
+  # the core computes (its committed results stay valid).
+  rng = np.random.default_rng(0)
+  fold = jax.jit(_fit.fold_last_axis, static_argnums=0)
+  for rows in (1, 2, 3, 4, 8, 9, 16):
+    deltas = jnp.asarray(rng.normal(size=(rows, 4)) * np.exp(3 * rng.normal(size=(rows, 1))),
+                         jnp.float32)
+    mean = jax.jit(lambda d: jnp.mean(d, -1))(deltas)
+    np.testing.assert_array_equal(fold(jnp.add, deltas) / 4, mean)
+    np.testing.assert_array_equal(
+        fold(jnp.maximum, jnp.abs(deltas)), jax.jit(lambda d: jnp.max(jnp.abs(d), -1))(deltas)
+    )
+
+
+def test_fit_traces_no_reduction_over_the_probes_it_can_fold():
+  # Two reductions remain in the estimate from a refresh's probes (the fit's
+  # sums of squares), whatever K; the largest change and the mean over the
+  # probes are folds, and the diagonal fit builds no K x K matrix.
+  scales = _fit.check_probe_scales((-2.0, -1.0, 1.0, 2.0))
+
+  def traced(num_groups):
+    fitted = lambda losses: _estimators._fitted(losses, jnp.array(2.0), scales, num_groups, False)
+    closed = jax.make_jaxpr(fitted)(jnp.ones((num_groups, 4)))
+    est = jax.eval_shape(fitted, jnp.ones((num_groups, 4)))
+    assert est.curvature.shape == (num_groups,) and est.curvature_matrix is None
+    names = _primitives(closed.jaxpr)
+    return {name: _count(closed.jaxpr, name) for name in names if name.startswith("reduce_")}
+
+  assert traced(2) == traced(8) == {"reduce_sum": 2}
+
+
 @pytest.mark.parametrize(
     "scales", [(1.0,), (0.0, 1.0, 2.0), (1.0, 1.0), (float("nan"), 1.0)]
 )
@@ -138,8 +171,9 @@ def test_propose_never_accepts_a_group_below_resolution():
 
   def propose(below, accept):
     est = _estimators.Estimate(
-        slope=jnp.array([1.0, 1.0, -1.0]), curvature=jnp.diag(jnp.array([2.0, 2.0, 2.0])),
+        slope=jnp.array([1.0, 1.0, -1.0]), curvature=jnp.array([2.0, 2.0, 2.0]),
         r_squared=jnp.ones(3), origin=jnp.array(1.0), below_resolution=jnp.asarray(below),
+        curvature_matrix=None,
     )
     return _rule.propose(est, jnp.ones(3), min_r2=0.95, accept=accept, full=False)
 
