@@ -189,22 +189,24 @@ def _fitted(
   return Estimate(diag.slope, diag.curvature, diag.r_squared, origin, unresolved, matrix)
 
 
-def _losses_one_by_one(loss_at, points: jax.Array, estimate_from, follow_up):
-  """Losses at the rows of ``points``, one forward at a time.
+def _losses_one_by_one(loss_at, coeffs: np.ndarray, rates: jax.Array, estimate_from, follow_up):
+  """Losses at the points ``coeffs[i] * rates``, one forward at a time.
 
-  One ``jax.lax.fori_loop`` whose body holds the only copy of the forward.
-  With ``follow_up``, the loop runs once more: that last iteration fits the
-  losses so far and evaluates the point the follow-up chooses from them,
-  inside ``jax.lax.cond``, so that this dependent forward is not compiled a
-  second time.
+  One ``jax.lax.fori_loop`` whose body holds the only copy of the forward
+  (and forms its point from the row of ``coeffs``, which fuses with the
+  row's lookup). With ``follow_up``, the loop runs once more: that last
+  iteration fits the losses so far and evaluates the point the follow-up
+  chooses from them, inside ``jax.lax.cond``, so that this dependent forward
+  is not compiled a second time.
 
   Returns:
     ``(estimate_from(losses), FollowedUp or None)``.
   """
-  n = points.shape[0]
-  loss_type = jax.eval_shape(loss_at, points[0])
+  n = coeffs.shape[0]
+  point = lambda i: jnp.asarray(coeffs, rates.dtype)[i] * rates
+  loss_type = jax.eval_shape(loss_at, rates)
   if follow_up is None:
-    body = lambda i, losses: losses.at[i].set(loss_at(points[i]))
+    body = lambda i, losses: losses.at[i].set(loss_at(point(i)))
     losses = jax.lax.fori_loop(0, n, body, jnp.zeros((n,), loss_type.dtype))
     return estimate_from(losses), None
 
@@ -216,8 +218,8 @@ def _losses_one_by_one(loss_at, points: jax.Array, estimate_from, follow_up):
 
   def body(i, carry):
     losses, found = carry
-    point, found = jax.lax.cond(i == n, choose, lambda _: (points[i], found), losses)
-    return losses.at[i].set(loss_at(point)), found
+    at, found = jax.lax.cond(i == n, choose, lambda _: (point(i), found), losses)
+    return losses.at[i].set(loss_at(at)), found
 
   losses = jnp.zeros((n + 1,), loss_type.dtype)
   unset = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(choose, losses)[1])
@@ -240,7 +242,6 @@ def _probe_chunked(value_fn, params, directions, layout, rates, scales, full, ba
   with_origin = origin is None
   if with_origin:
     coeffs = np.concatenate([np.zeros((1, layout.num_groups)), coeffs])
-  points = jnp.asarray(coeffs, rates.dtype) * rates
   loss_at = lambda c: value_fn(layout.move(params, c, directions, _every_group(layout)))
 
   def estimate_from(losses: jax.Array) -> Estimate:
@@ -249,7 +250,8 @@ def _probe_chunked(value_fn, params, directions, layout, rates, scales, full, ba
     return _fitted(rows, found, scales, layout.num_groups, full)
 
   if batch_size == 1:
-    return _losses_one_by_one(loss_at, points, estimate_from, follow_up)
+    return _losses_one_by_one(loss_at, coeffs, rates, estimate_from, follow_up)
+  points = jnp.asarray(coeffs, rates.dtype) * rates
   estimate = estimate_from(jax.lax.map(loss_at, points, batch_size=batch_size))
   return estimate, follow_up_after(value_fn, params, directions, layout, estimate, follow_up)
 
