@@ -204,7 +204,7 @@ def _losses_one_by_one(loss_at, coeffs: np.ndarray, rates: jax.Array, estimate_f
   """
   n = coeffs.shape[0]
   point = lambda i: jnp.asarray(coeffs, rates.dtype)[i] * rates
-  loss_type = jax.eval_shape(loss_at, rates)
+  loss_type = jax.eval_shape(loss_at, rates)  # a point has the rates' shape and dtype
   if follow_up is None:
     body = lambda i, losses: losses.at[i].set(loss_at(point(i)))
     losses = jax.lax.fori_loop(0, n, body, jnp.zeros((n,), loss_type.dtype))

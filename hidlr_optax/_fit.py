@@ -63,8 +63,8 @@ def _least_squares_operator(scales: np.ndarray) -> np.ndarray:
 def fold_last_axis(fn, x: jax.Array) -> jax.Array:
   """Combines the entries of ``x`` along its last axis left to right with ``fn``.
 
-  For the few (static) entries along that axis here (probe scales, groups)
-  this replaces a reduction, for compile time: elementwise operations fuse
+  For the few (static) entries along that axis here (the probe scales) this
+  replaces a reduction, for compile time: elementwise operations fuse
   with what surrounds them, where XLA compiles each reduction as a kernel of
   its own, and each distinct kernel adds to the step's compile time. Used
   only where the result is the same to the last bit as the reduction it
