@@ -189,7 +189,7 @@ def _fitted(
   return Estimate(diag.slope, diag.curvature, diag.r_squared, origin, unresolved, matrix)
 
 
-def _losses_one_by_one(loss_at, coeffs: np.ndarray, rates: jax.Array, estimate_from, follow_up):
+def _losses_one_by_one(loss_at, coeffs: jax.Array, rates: jax.Array, estimate_from, follow_up):
   """Losses at the points ``coeffs[i] * rates``, one forward at a time.
 
   One ``jax.lax.fori_loop`` whose body holds the only copy of the forward
@@ -203,7 +203,7 @@ def _losses_one_by_one(loss_at, coeffs: np.ndarray, rates: jax.Array, estimate_f
     ``(estimate_from(losses), FollowedUp or None)``.
   """
   n = coeffs.shape[0]
-  point = lambda i: jnp.asarray(coeffs, rates.dtype)[i] * rates
+  point = lambda i: coeffs[i] * rates
   loss_type = jax.eval_shape(loss_at, rates)  # a point has the rates' shape and dtype
   if follow_up is None:
     body = lambda i, losses: losses.at[i].set(loss_at(point(i)))
@@ -242,6 +242,7 @@ def _probe_chunked(value_fn, params, directions, layout, rates, scales, full, ba
   with_origin = origin is None
   if with_origin:
     coeffs = np.concatenate([np.zeros((1, layout.num_groups)), coeffs])
+  coeffs = jnp.asarray(coeffs, rates.dtype)
   loss_at = lambda c: value_fn(layout.move(params, c, directions, _every_group(layout)))
 
   def estimate_from(losses: jax.Array) -> Estimate:
@@ -251,8 +252,7 @@ def _probe_chunked(value_fn, params, directions, layout, rates, scales, full, ba
 
   if batch_size == 1:
     return _losses_one_by_one(loss_at, coeffs, rates, estimate_from, follow_up)
-  points = jnp.asarray(coeffs, rates.dtype) * rates
-  estimate = estimate_from(jax.lax.map(loss_at, points, batch_size=batch_size))
+  estimate = estimate_from(jax.lax.map(loss_at, coeffs * rates, batch_size=batch_size))
   return estimate, follow_up_after(value_fn, params, directions, layout, estimate, follow_up)
 
 
