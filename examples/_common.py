@@ -150,24 +150,26 @@ def _california_from_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def load_california_housing() -> tuple[np.ndarray, np.ndarray, str]:
   """California housing as ``(X (20640, 8), y, source)``.
 
-  Uses scikit-learn's ``fetch_california_housing`` when it works (it needs the
-  internet or its cache), else the CSV shipped in ``data/`` (or
-  ``../shared/data``), converted to the same 8 features.
+  Reads the CSV shipped in ``data/`` (or ``../shared/data``), converted to
+  scikit-learn's 8 features, so that every machine trains on the same rows
+  whether or not it can reach the internet, and the results files reproduce
+  from a checkout. Only without a shipped copy does it ask scikit-learn's
+  ``fetch_california_housing`` (which needs the internet or its cache).
   """
+  for path in california_housing_files():
+    if path.exists():
+      x, y = _california_from_csv(path)
+      return x, y, f"shipped CSV {path.relative_to(path.parents[1])} (207 total_bedrooms imputed)"
   try:
     from sklearn.datasets import fetch_california_housing
 
     data = fetch_california_housing()
-    return data.data, data.target, "scikit-learn fetch_california_housing"
-  except Exception:  # offline: fall back to the shipped copy
-    for path in california_housing_files():
-      if path.exists():
-        x, y = _california_from_csv(path)
-        return x, y, f"shipped CSV {path.relative_to(path.parents[1])} (207 total_bedrooms imputed)"
-  raise FileNotFoundError(
-      "California housing: scikit-learn could not fetch it and no shipped copy"
-      f" was found at {california_housing_files()}"
-  )
+  except Exception as e:  # offline and nothing shipped
+    raise FileNotFoundError(
+        "California housing: no shipped copy was found at"
+        f" {california_housing_files()} and scikit-learn could not fetch it ({e})"
+    ) from e
+  return data.data, data.target, "scikit-learn fetch_california_housing"
 
 
 def train_test_split(
