@@ -84,16 +84,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         results[task, variant] = rec
         rows.append([
             task, variant, epochs, float(rec["train_loss"][-1]), float(rec["test_loss"][-1]),
+            C.diverged(rec["train_loss"]),
         ])
-  table = C.markdown_table(["task", "variant", "epochs", "final train loss", "final test loss"], rows)
+  table = C.markdown_table(
+      ["task", "variant", "epochs", "final train loss", "final test loss", "diverged"],
+      [r[:5] + ["yes" if r[5] else ""] for r in rows],
+  )
   print(table)
   ranks = []
   for variant in VARIANTS:
     ratios, diverged = [], 0
     for task in dict.fromkeys(r[0] for r in rows):
       losses = {r[1]: r[3] for r in rows if r[0] == task}
-      diverged += not np.isfinite(losses[variant])
-      if np.isfinite(losses[variant]) and np.isfinite(losses["defaults"]):
+      blew_up = {r[1]: r[5] for r in rows if r[0] == task}
+      diverged += blew_up[variant]
+      if not (blew_up[variant] or blew_up["defaults"]):
         ratios.append(losses[variant] / losses["defaults"])
     gmean = float(np.exp(np.mean(np.log(ratios)))) if ratios else float("nan")
     worst = float(np.max(ratios)) if ratios else float("nan")
@@ -101,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   summary = C.markdown_table(
       [
           "variant", "geometric mean of train loss / defaults'", "worst ratio",
-          "tasks compared (both finite)", "tasks diverged",
+          "tasks compared (neither diverged)", "tasks diverged",
       ],
       ranks,
   )
@@ -128,8 +133,9 @@ Summary (below 1 = better than the defaults on training loss):
 
 {summary}
 
-{verdict} A variant must beat the defaults on every task where both
-are finite, and diverge no more often, to replace them: a default has to be
+{verdict} A run diverged when its final training loss is not finite or
+is above its initial one. A variant must beat the defaults on every task
+where neither diverged, and diverge no more often, to replace them: a default has to be
 safe on tasks nobody tuned it for, so a gain on one task does not outweigh a
 loss on another.
 """

@@ -570,6 +570,12 @@ def train_minibatch(
   return out
 
 
+def diverged(train_loss: np.ndarray) -> bool:
+  """Whether a run diverged: its final training loss is not finite or is above
+  its initial one (``train_loss[0]``, recorded before the first step)."""
+  return bool(not np.isfinite(train_loss[-1]) or train_loss[-1] > train_loss[0])
+
+
 def pick_best(history: dict, key: str, index: int = -1) -> int:
   """Index of the grid point with the lowest finite ``history[key][:, index]``."""
   values = np.asarray(history[key])[:, index]

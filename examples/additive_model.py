@@ -176,10 +176,7 @@ def write_task(task: str, results: dict, info: dict, out_dir, command: str) -> N
   print(f"\n{task}\n{table}")
   hidlr_name = next(m for m in results if m.startswith("Hi-DLR ("))
   final = {k: float(v[-1]) for k, v in results[hidlr_name]["lr"].items()}
-  diverged = [
-      m for m, r in results.items()
-      if not np.isfinite(r["train_loss"][-1]) or r["train_loss"][-1] > r["train_loss"][0]
-  ]
+  diverged = [m for m, r in results.items() if C.diverged(r["train_loss"])]
   body = f"""
 Data: {info['source']}; {info['n_train']} train / {info['n_test']} test rows.
 Base {info['base']}, {info['epochs']} epochs, batch 256, Hi-DLR / Hi-ULR with

@@ -209,3 +209,22 @@ def test_the_step_task_measures_step_time_and_memory_ratios():
   assert all(r > 1 and r > p for r, p in zip(refresh, plain))
   memory = values["mlp: peak memory / base (donated)"]
   assert memory[0] == memory[1] >= 1  # deterministic: XLA's buffer assignment
+
+
+def test_defaults_sweep_counts_what_diverged(tmp_path):
+  """benchmarks/defaults.py --quick: one row per task and variant, and the
+  summary's diverged counts and compared tasks agree with the rows."""
+  from benchmarks import defaults
+
+  results = defaults.main(["--quick", "--out", str(tmp_path)])
+  text = (tmp_path / "defaults.md").read_text()
+  assert text.startswith("Command: `python benchmarks/defaults.py --quick --out")
+  tasks = {task for task, _ in results}
+  assert len(results) == len(tasks) * len(defaults.VARIANTS)
+  for variant in defaults.VARIANTS:
+    row = next(l for l in text.splitlines() if l.startswith(f"| {variant} |") and l.count("|") == 6)
+    compared, num_diverged = (int(c.strip()) for c in row.strip("|").split("|")[3:5])
+    blew_up = {t for t in tasks if defaults.C.diverged(results[t, variant]["train_loss"])}
+    assert num_diverged == len(blew_up)
+    base_blew_up = {t for t in tasks if defaults.C.diverged(results[t, "defaults"]["train_loss"])}
+    assert compared == len(tasks - blew_up - base_blew_up)

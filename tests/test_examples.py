@@ -41,6 +41,20 @@ def test_uniform_grid_is_vmapped_single_runs():
   assert np.all(together["loss"][:, -1] < together["loss"][:, 0])
 
 
+def test_diverged_means_not_finite_or_above_the_initial_loss():
+  """A loss that ends above where it started diverged, even when finite."""
+  assert not C.diverged(np.array([1.0, 0.5, 0.2]))
+  assert C.diverged(np.array([1.0, 0.5, 1e34]))
+  assert C.diverged(np.array([1.0, 0.5, np.nan]))
+  assert C.diverged(np.array([1.0, np.inf]))
+
+
+def test_california_loads_the_shipped_copy_first():
+  """The examples train on the shipped rows whether or not scikit-learn can fetch."""
+  x, y, source = C.load_california_housing()
+  assert source.startswith("shipped CSV") and x.shape == (20640, 8)
+
+
 def test_california_csv_matches_scikit_learn_features():
   """The shipped CSV gives scikit-learn's 8 features (data/README.md row 0)."""
   x, y = C._california_from_csv(C.california_housing_files()[0])
