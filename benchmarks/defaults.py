@@ -84,22 +84,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         results[task, variant] = rec
         rows.append([
             task, variant, epochs, float(rec["train_loss"][-1]), float(rec["test_loss"][-1]),
-            C.diverged(rec["train_loss"]),
+            "yes" if C.diverged(rec["train_loss"]) else "",
         ])
   table = C.markdown_table(
-      ["task", "variant", "epochs", "final train loss", "final test loss", "diverged"],
-      [r[:5] + ["yes" if r[5] else ""] for r in rows],
+      ["task", "variant", "epochs", "final train loss", "final test loss", "diverged"], rows
   )
   print(table)
+  final = {key: float(rec["train_loss"][-1]) for key, rec in results.items()}
+  blew_up = {key: C.diverged(rec["train_loss"]) for key, rec in results.items()}
+  task_names = list(dict.fromkeys(task for task, _ in results))
   ranks = []
   for variant in VARIANTS:
-    ratios, diverged = [], 0
-    for task in dict.fromkeys(r[0] for r in rows):
-      losses = {r[1]: r[3] for r in rows if r[0] == task}
-      blew_up = {r[1]: r[5] for r in rows if r[0] == task}
-      diverged += blew_up[variant]
-      if not (blew_up[variant] or blew_up["defaults"]):
-        ratios.append(losses[variant] / losses["defaults"])
+    ratios = [
+        final[task, variant] / final[task, "defaults"]
+        for task in task_names
+        if not (blew_up[task, variant] or blew_up[task, "defaults"])
+    ]
+    diverged = sum(blew_up[task, variant] for task in task_names)
     gmean = float(np.exp(np.mean(np.log(ratios)))) if ratios else float("nan")
     worst = float(np.max(ratios)) if ratios else float("nan")
     ranks.append([variant, gmean, worst, len(ratios), diverged])
