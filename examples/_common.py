@@ -496,6 +496,7 @@ def train_minibatch(
     seed: int,
     probe: str = "fresh",
     probe_batches: int = 1,
+    evaluate_initial: bool = True,
 ) -> dict:
   """Trains ``method`` (all grid points vmapped) for ``epochs`` epochs.
 
@@ -516,12 +517,17 @@ def train_minibatch(
     probe: where Hi-DLR's probes look (see :func:`minibatch_epoch`).
     probe_batches: with ``probe="fresh"``, how many mini-batches, each in an
       order of its own, make up one probe batch.
+    evaluate_initial: whether to evaluate ``metrics_fn`` on the initial
+      parameters too. An evaluation on both splits can cost as much as an
+      epoch of training (a transformer on cached features), and the initial
+      one is the same for every method of a seed; without it the metrics
+      start after the first epoch.
 
   Returns:
     ``step_loss`` (mini-batch losses, ``(..., steps)``), ``lr`` (``{label:
     (..., steps)}``, empty for methods other than Hi-DLR), and for every key
     ``m`` of ``metrics_fn``: ``train_m`` and ``test_m`` after each epoch,
-    epoch 0 being the initial parameters; NumPy arrays with a leading grid
+    epoch 0 being the initial parameters (with ``evaluate_initial``); NumPy arrays with a leading grid
     axis when the method has a grid. For Hi-DLR also ``num_accepted``
     (``{label: count}``) and ``num_refreshes`` from the final state.
   """
@@ -551,7 +557,8 @@ def train_minibatch(
   s = init(grid, params)
   key = jax.random.key(seed)
   n = train[0].shape[0]
-  evals, steps = [jax.device_get(evaluate(grid, p, s, train, test))], []
+  evals = [jax.device_get(evaluate(grid, p, s, train, test))] if evaluate_initial else []
+  steps = []
   for _ in tqdm(range(epochs), desc=method.name, leave=False):
     key, k1, k2 = jax.random.split(key, 3)
     probe_keys = [k2, *(jax.random.fold_in(k2, j) for j in range(1, probe_batches))]

@@ -122,8 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     trainable, _ = bert.split_trainable(fresh)
     loss = lambda p, x, y: loss_and_logits(p, frozen, x, y)[0]
 
-    def metrics(p, x, y):
-      chunks = (x.reshape(-1, 100, *x.shape[1:]), y.reshape(-1, 100))
+    def metrics(p, x, y):  # chunks of 20 reviews: faster on CPU than 100
+      chunks = (x.reshape(-1, 20, *x.shape[1:]), y.reshape(-1, 20))
 
       def one(c):
         value, logits = loss_and_logits(p, frozen, *c)
@@ -135,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     return train_minibatch(
         loss, metrics, trainable, entry.method, (x_tr, y_tr), (x_te, y_te),
         epochs=args.epochs, batch_size=args.batch_size, seed=seed, probe=entry.probe,
-        probe_batches=entry.probe_batches,
+        probe_batches=entry.probe_batches, evaluate_initial=False,
     )
 
   labels = bert.lora_labels(bert.split_trainable(params)[0])

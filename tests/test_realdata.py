@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -116,3 +117,18 @@ def test_probe_batches_join_mini_batches():
         epochs=1, batch_size=4, seed=0, probe_batches=probe_batches,
     )
     assert out["train_p"][-1] == 10 * 4 * probe_batches  # 10 steps
+
+
+def test_metrics_start_after_the_first_epoch_without_the_initial_evaluation():
+  """``evaluate_initial=False`` drops epoch 0 from the metrics, nothing else."""
+  method = C.Method("sgd", lambda _: optax.sgd(0.1))
+  loss = lambda p, x, y: jnp.mean((x[:, 0] * p - y) ** 2)
+  data = (np.ones((8, 1), np.float32), np.ones(8, np.float32))
+  run = lambda initial: C.train_minibatch(
+      loss, lambda p, x, y: {"loss": loss(p, x, y)}, np.float32(0), method, data, data,
+      epochs=2, batch_size=4, seed=0, evaluate_initial=initial,
+  )
+  full, short = run(True), run(False)
+  assert full["train_loss"].shape == (3,) and full["train_loss"][0] == 1
+  np.testing.assert_array_equal(short["train_loss"], full["train_loss"][1:])
+  np.testing.assert_array_equal(short["step_loss"], full["step_loss"])
