@@ -52,7 +52,8 @@ def test_read_idx_round_trip(tmp_path):
 
 
 def test_cnn_groupings_split_in_two():
-  params = jax.jit(fashion_mnist.CNN().init)(jax.random.key(0), np.zeros((1, 28, 28, 1)))["params"]
+  model = fashion_mnist.CNN(widths=(8, 16))
+  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 28, 28, 1)))["params"]
   for name, labels in fashion_mnist.groupings(params).items():
     leaves = jax.tree.leaves(labels)
     assert len(set(leaves)) == 2, name
@@ -132,3 +133,27 @@ def test_metrics_start_after_the_first_epoch_without_the_initial_evaluation():
   assert full["train_loss"].shape == (3,) and full["train_loss"][0] == 1
   np.testing.assert_array_equal(short["train_loss"], full["train_loss"][1:])
   np.testing.assert_array_equal(short["step_loss"], full["step_loss"])
+
+
+def test_fashion_mnist_cpu_sizing_yields_to_explicit_flags():
+  sized = fashion_mnist.parse_args(["--cpu"])
+  assert {k: getattr(sized, k) for k in fashion_mnist.CPU_SIZING} == fashion_mnist.CPU_SIZING
+  assert fashion_mnist.parse_args(["--cpu", "--widths", "4"]).widths == [4]
+  assert fashion_mnist.parse_args([]).widths == [32, 64]
+  assert fashion_mnist.parse_args([]).train_size is None
+
+
+def test_fashion_mnist_loads_the_first_images_of_each_split(tmp_path):
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 6), ("t10k", 4)):
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    header = bytes([0, 0, 8, 3]) + np.asarray(images.shape, ">u4").tobytes()
+    (tmp_path / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
+    labels = np.arange(n, dtype=np.uint8)
+    header = bytes([0, 0, 8, 1]) + np.asarray(labels.shape, ">u4").tobytes()
+    (tmp_path / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.tobytes()))
+  (xtr, ytr), (xte, yte) = fashion_mnist.load_fashion_mnist(tmp_path, 5, 3)
+  assert xtr.shape == (5, 28, 28, 1) and xte.shape == (3, 28, 28, 1)
+  np.testing.assert_array_equal(ytr, np.arange(5))
+  np.testing.assert_array_equal(yte, np.arange(3))
+  assert abs(float(xtr.mean())) < 1e-5  # standardised on the kept training images
