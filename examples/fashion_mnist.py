@@ -38,7 +38,7 @@ import _realdata_common as rc  # noqa: E402
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 # The full benchmark's Adam step (32/64 channels, batch 500) took 0.58 s on 2 CPU
-# cores, so its 48 runs of 360 steps need over 2.8 hours before any probe. This
+# cores, so its 48 runs of 360 steps need about 2.8 hours before any probe. This
 # sizing keeps the task (all 10,000 test images, 3 epochs, 300 steps, the same
 # methods) with a narrower network on the first 10,000 training images.
 CPU_SIZING = dict(train_size=10_000, widths=[8, 16], batch_size=100)
