@@ -139,7 +139,11 @@ def build_entries(args, steps: int, params) -> list[rc.Entry]:
       "Hi-DLR (head), own-batch probes", lr, groupings(params)["head"],
       **common, probe="same",
   )
-  return [*hidlr, own, hiulr, *rc.learning_rate_free(wd), *schedules]
+  larger = rc.hidlr_entry(
+      f"Hi-DLR (head), {rc.LARGE_PROBE_BATCHES}x probe batch", lr, groupings(params)["head"],
+      **common, probe_batches=rc.LARGE_PROBE_BATCHES,
+  )
+  return [*hidlr, own, larger, hiulr, *rc.learning_rate_free(wd), *schedules]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -194,7 +198,7 @@ Hi-DLR groups, two each (paper Table 2): (head) = head vs rest, (bias) = all bia
 the rest, (norm) = normalisation scales and offsets vs the rest. Hi-DLR / Hi-ULR: AdamW
 direction (weight decay {args.weight_decay}), initial rate {args.lr} (the paper's recipe,
 untuned), Phi = {args.update_every}, probes on an independently drawn mini-batch unless
-marked "own-batch". AdamW schedules (no warm-up; linear and cosine decay to 0): peak
+marked "own-batch" ("{rc.LARGE_PROBE_BATCHES}x probe batch": on {rc.LARGE_PROBE_BATCHES} such mini-batches joined). AdamW schedules (no warm-up; linear and cosine decay to 0): peak
 rate from the grid {args.peaks}, picked by mean test accuracy over seeds (favours the
 baselines). Prodigy and D-Adaptation: rate 1, same weight decay.
 

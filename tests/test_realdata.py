@@ -157,3 +157,17 @@ def test_fashion_mnist_loads_the_first_images_of_each_split(tmp_path):
   np.testing.assert_array_equal(ytr, np.arange(5))
   np.testing.assert_array_equal(yte, np.arange(3))
   assert abs(float(xtr.mean())) < 1e-5  # standardised on the kept training images
+
+
+def test_fashion_mnist_compares_the_methods_the_task_asks_for():
+  model = fashion_mnist.CNN(widths=(8, 16))
+  params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 28, 28, 1)))["params"]
+  entries = fashion_mnist.build_entries(fashion_mnist.parse_args(["--cpu"]), 300, params)
+  names = [e.name for e in entries]
+  assert names == [
+      "Hi-DLR (head)", "Hi-DLR (bias)", "Hi-DLR (norm)", "Hi-DLR (head), own-batch probes",
+      f"Hi-DLR (head), {rc.LARGE_PROBE_BATCHES}x probe batch", "Hi-ULR (GeN)", "Prodigy",
+      "D-Adaptation", "AdamW constant", "AdamW linear", "AdamW cosine",
+  ]
+  assert [e.probe_batches for e in entries][:5] == [1, 1, 1, 1, rc.LARGE_PROBE_BATCHES]
+  assert entries[3].probe == "same"
