@@ -858,3 +858,15 @@ def test_bad_hyperparameters_fail_at_construction(kwargs, match):
 def test_gen_rejects_param_labels():
   with pytest.raises(TypeError, match="param_labels"):
     hidlr_optax.gen(optax.identity(), param_labels={"a": "a"})
+
+
+@pytest.mark.parametrize("shape, dtype", [((9,), jnp.float32), ((2,), jnp.bool_), ((2, 3), jnp.int32)])
+def test_unread_loop_carries_compile_as_data_not_kernels(shape, dtype):
+  """The probe loop's placeholder carries are constants in the compiled step,
+  where zeros would be a broadcast kernel (a distinct fusion, compile time)."""
+  spec = jax.ShapeDtypeStruct(shape, dtype)
+  value = _estimators._unread(spec)
+  assert value.shape == shape and value.dtype == dtype
+  compiled = lambda f: jax.jit(f).lower().compile().as_text()
+  assert " fusion(" not in compiled(lambda: _estimators._unread(spec))
+  assert " fusion(" in compiled(lambda: jnp.zeros(shape, dtype))  # what it avoids
