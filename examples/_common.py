@@ -527,8 +527,8 @@ def train_minibatch(
     ``step_loss`` (mini-batch losses, ``(..., steps)``), ``lr`` (``{label:
     (..., steps)}``, empty for methods other than Hi-DLR), and for every key
     ``m`` of ``metrics_fn``: ``train_m`` and ``test_m`` after each epoch,
-    epoch 0 being the initial parameters (with ``evaluate_initial``); NumPy arrays with a leading grid
-    axis when the method has a grid. For Hi-DLR also ``num_accepted``
+    epoch 0 being the initial parameters (with ``evaluate_initial``); NumPy
+    arrays with a leading grid axis when the method has a grid. For Hi-DLR also ``num_accepted``
     (``{label: count}``) and ``num_refreshes`` from the final state.
   """
 

@@ -130,17 +130,16 @@ def build_entries(args, steps: int, params) -> list[rc.Entry]:
       rc.scheduled_adamw(f"AdamW {kind}", kind, args.peaks, steps, weight_decay=wd)
       for kind in ("constant", "linear", "cosine")
   ]
+  groups = groupings(params)
   hidlr = [
-      rc.hidlr_entry(f"Hi-DLR ({name})", lr, labels, **common)
-      for name, labels in groupings(params).items()
+      rc.hidlr_entry(f"Hi-DLR ({name})", lr, labels, **common) for name, labels in groups.items()
   ]
   hiulr = rc.hidlr_entry("Hi-ULR (GeN)", lr, None, **common)
   own = rc.hidlr_entry(
-      "Hi-DLR (head), own-batch probes", lr, groupings(params)["head"],
-      **common, probe="same",
+      "Hi-DLR (head), own-batch probes", lr, groups["head"], **common, probe="same"
   )
   larger = rc.hidlr_entry(
-      f"Hi-DLR (head), {rc.LARGE_PROBE_BATCHES}x probe batch", lr, groupings(params)["head"],
+      f"Hi-DLR (head), {rc.LARGE_PROBE_BATCHES}x probe batch", lr, groups["head"],
       **common, probe_batches=rc.LARGE_PROBE_BATCHES,
   )
   return [*hidlr, own, larger, hiulr, *rc.learning_rate_free(wd), *schedules]

@@ -860,7 +860,9 @@ def test_gen_rejects_param_labels():
     hidlr_optax.gen(optax.identity(), param_labels={"a": "a"})
 
 
-@pytest.mark.parametrize("shape, dtype", [((9,), jnp.float32), ((2,), jnp.bool_), ((2, 3), jnp.int32)])
+@pytest.mark.parametrize(
+    "shape, dtype", [((9,), jnp.float32), ((2,), jnp.bool_), ((2, 3), jnp.int32)]
+)
 def test_unread_loop_carries_compile_as_data_not_kernels(shape, dtype):
   """The probe loop's placeholder carries are constants in the compiled step,
   where zeros would be a broadcast kernel (a distinct fusion, compile time)."""

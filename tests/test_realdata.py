@@ -43,12 +43,16 @@ def test_run_seeds_picks_one_grid_point_by_mean_over_seeds():
   assert "0.7500 ± 0.0500" in table and "peak 0.3" in table
 
 
+def _write_idx(path: Path, array: np.ndarray) -> None:
+  """A gzipped IDX file of unsigned bytes (magic 0, 0, 8, ndim; then the dims)."""
+  header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+  path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
 def test_read_idx_round_trip(tmp_path):
   images = np.random.default_rng(0).integers(0, 256, (3, 4, 5), dtype=np.uint8)
-  header = bytes([0, 0, 8, 3]) + np.asarray(images.shape, ">u4").tobytes()
-  path = tmp_path / "x-idx3-ubyte.gz"
-  path.write_bytes(gzip.compress(header + images.tobytes()))
-  np.testing.assert_array_equal(fashion_mnist.read_idx(path), images)
+  _write_idx(tmp_path / "x-idx3-ubyte.gz", images)
+  np.testing.assert_array_equal(fashion_mnist.read_idx(tmp_path / "x-idx3-ubyte.gz"), images)
 
 
 def test_cnn_groupings_split_in_two():
@@ -146,12 +150,8 @@ def test_fashion_mnist_cpu_sizing_yields_to_explicit_flags():
 def test_fashion_mnist_loads_the_first_images_of_each_split(tmp_path):
   rng = np.random.default_rng(0)
   for split, n in (("train", 6), ("t10k", 4)):
-    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    header = bytes([0, 0, 8, 3]) + np.asarray(images.shape, ">u4").tobytes()
-    (tmp_path / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
-    labels = np.arange(n, dtype=np.uint8)
-    header = bytes([0, 0, 8, 1]) + np.asarray(labels.shape, ">u4").tobytes()
-    (tmp_path / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.tobytes()))
+    _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+    _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n))
   (xtr, ytr), (xte, yte) = fashion_mnist.load_fashion_mnist(tmp_path, 5, 3)
   assert xtr.shape == (5, 28, 28, 1) and xte.shape == (3, 28, 28, 1)
   np.testing.assert_array_equal(ytr, np.arange(5))
