@@ -528,8 +528,9 @@ def train_minibatch(
     (..., steps)}``, empty for methods other than Hi-DLR), and for every key
     ``m`` of ``metrics_fn``: ``train_m`` and ``test_m`` after each epoch,
     epoch 0 being the initial parameters (with ``evaluate_initial``); NumPy
-    arrays with a leading grid axis when the method has a grid. For Hi-DLR also ``num_accepted``
-    (``{label: count}``) and ``num_refreshes`` from the final state.
+    arrays with a leading grid axis when the method has a grid. For Hi-DLR
+    also ``num_accepted`` (``{label: count}``) and ``num_refreshes`` from the
+    final state.
   """
 
   def epoch(hp, p, s, data, perms):
@@ -579,7 +580,8 @@ def train_minibatch(
 
 def diverged(train_loss: np.ndarray) -> bool:
   """Whether a run diverged: its final training loss is not finite or is above
-  its initial one (``train_loss[0]``, recorded before the first step)."""
+  its initial one (``train_loss[0]``, recorded before the first step: a
+  history of :func:`train_minibatch` needs ``evaluate_initial=True``)."""
   return bool(not np.isfinite(train_loss[-1]) or train_loss[-1] > train_loss[0])
 
 
