@@ -11,6 +11,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from benchmarks import _models, overhead
 
@@ -228,3 +229,20 @@ def test_defaults_sweep_counts_what_diverged(tmp_path):
     assert num_diverged == len(blew_up)
     base_blew_up = {t for t in tasks if defaults.C.diverged(results[t, "defaults"]["train_loss"])}
     assert compared == len(tasks - blew_up - base_blew_up)
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_chunked_probes_hold_no_more_than_one_probe_forward_needs(name):
+  # The step's peak is either the base step's (plus the probe batch, an
+  # argument) or a probe's: the base's arguments, the probe batch, the
+  # direction and one forward at a moved point. Hi-DLR's fit, rule and state
+  # add only scalars and per-group vectors to it.
+  bench = overhead.Bench.create(_models.build(name, quick=True))
+  sizes = overhead.memory_sizes(
+      bench, ["base (adam)", "Hi-DLR vmap", "Hi-DLR chunk1 (probe_batch_size=1)"])
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  base_peak = sizes["base (adam)"][2]
+  needed = max(overhead.memory_floor(bench, sizes), base_peak + nbytes(bench.probe_batch))
+  chunk1 = sizes["Hi-DLR chunk1 (probe_batch_size=1)"][2]
+  assert chunk1 <= needed + 0.05 * nbytes(bench.model.params), (chunk1, needed)
+  assert sizes["Hi-DLR vmap"][2] > chunk1
