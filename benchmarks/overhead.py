@@ -21,7 +21,7 @@ Cost model (paper, Appendix C): base ``F + B + C``; Hi-DLR
 
 Usage::
 
-  nice -n 10 python -m benchmarks.overhead            # full CPU run (~45 min)
+  nice -n 10 python -m benchmarks.overhead            # full CPU run (~30 min on 2 cores)
   python -m benchmarks.overhead --quick --out /tmp/o.md  # tiny sizes, seconds
 """
 

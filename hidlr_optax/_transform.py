@@ -233,8 +233,10 @@ def scale_by_hidlr(
       so what depends on the other leaves alone is computed once per group
       (fastest on accelerators); an int evaluates all probes in one loop
       over chunks of that size, so at most that many moved copies of the
-      parameters are alive whatever the number of groups (least memory;
-      with chunks of 1 the joint check's forward is the loop's last
+      parameters are alive whatever the number of groups (least memory:
+      with chunks of 1 a refresh holds, beyond the base step's arguments
+      and ``value_fn``'s batch, the direction and one forward at a moved
+      point, nothing more; the joint check's forward is the loop's last
       iteration, so the step compiles one forward); ``"auto"`` is ``1``
       when the default backend is the CPU, where the vmapped probes'
       temporaries are allocated on every step and double the peak memory
