@@ -659,8 +659,8 @@ def memory_sizes(bench: Bench, names: Sequence[str] = tuple(MEMORY_VARIANTS)
   For each of the named :data:`MEMORY_VARIANTS`, the donated step's
   ``(arguments, temporaries, peak)``; under ``"moved forward"``, the
   temporaries of one probe forward compiled alone: the loss at ``w - c d``
-  for a traced scalar ``c``, i.e. the moved leaves and the activations
-  that any probe holds.
+  for a traced scalar ``c``, every leaf moved, i.e. the moved leaves and
+  the activations that a chunk-of-1 probe holds, as XLA schedules them.
   """
   sizes = {}
   for n in names:
@@ -711,9 +711,10 @@ def memory_table(bench: Bench, device_peaks: bool, quick: bool) -> tuple[str, di
 
 
 def memory_floor(bench: Bench, sizes: dict[str, Any]) -> int:
-  """What a step that probes on a batch of its own holds at least, K = 2:
-  the base step's arguments, the probe batch, the direction (live until the
-  update) and one probe forward's temporaries (:func:`memory_sizes`)."""
+  """What a step that probes on a batch of its own holds during a probe, by
+  this decomposition: the base step's arguments, the probe batch, the
+  direction (live until the update) and the temporaries of one probe
+  forward compiled alone (:func:`memory_sizes`)."""
   nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
   return (sizes["base (adam)"][0] + nbytes(bench.probe_batch) + nbytes(bench.model.params)
           + sizes["moved forward"])
@@ -728,26 +729,29 @@ def _memory_floor_text(bench: Bench, sizes: dict[str, Any], scheduler: str) -> s
   chunk1 = sizes["Hi-DLR chunk1 (probe_batch_size=1)"][2]
   larger = max(floor, base_peak + batch)
   mib = lambda x: f"{x / 2**20:.1f} MiB"
+  gap = lambda x: f"{x / 2**20:+.1f} MiB" if abs(x) >= 2**20 else f"{x / 2**10:+.1f} KiB"
   return (f"Floor ({scheduler}): the base step's arguments ({mib(base_args)}) + the probe"
           f" batch ({mib(batch)}) + the direction d, live until the update"
           f" ({mib(nbytes(bench.model.params))}) + the temporaries of one forward at a moved"
           f" point compiled alone ({mib(sizes['moved forward'])}: its moved leaves and"
           f" activations) = {mib(floor)} = {floor / base_peak:.3f} x the base peak"
           f" ({mib(base_peak)}). Hi-DLR with chunks of 1 holds {mib(chunk1)},"
-          f" {(chunk1 - larger) / 2**10:+.1f} KiB from the larger of this floor and the"
+          f" {gap(chunk1 - larger)} from the larger of this floor and the"
           f" base peak plus the probe batch ({mib(base_peak + batch)}).")
 
 
 def _memory_minimising_sizes(model_name: str, quick: bool) -> dict[str, Any]:
   """:func:`memory_sizes` compiled by XLA:CPU's memory-minimising scheduler,
-  in a child process (XLA reads its flags once per process)."""
+  in a child process (XLA reads its flags once per process). Raises with
+  the child's error output if it fails (e.g. an XLA without the flag)."""
   code = ("import json; from benchmarks import overhead as o;"
           f"b = o.Bench.create(o._models.build({model_name!r}, {quick}));"
           "print(json.dumps(o.memory_sizes(b)))")
   flags = f"{os.environ.get('XLA_FLAGS', '')} {MEMORY_SCHEDULER_FLAG}".strip()
   env = dict(os.environ, XLA_FLAGS=flags)
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=env, check=True)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  if out.returncode:
+    raise RuntimeError(f"compiling with {MEMORY_SCHEDULER_FLAG} failed:\n{out.stderr}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -847,7 +851,7 @@ def run(args: argparse.Namespace) -> str:
          s["compile_ratio"] <= 2],
         ["peak memory with probe_batch_size=1 <= 1.10x base", s["memory_chunk1"],
          s["memory_chunk1"] <= 1.10],
-        ["  the floor of any probe on a batch of its own (see Peak memory)", s["memory_floor"],
+        ["  one chunk-of-1 probe's needs (the floor under Peak memory)", s["memory_floor"],
          s["memory_floor"] <= 1.10],
     ]))
   return "\n".join(out) + "\n"

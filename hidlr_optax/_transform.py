@@ -55,9 +55,10 @@ def _resolve_batch_size(probe_batch_size: Union[int, str, None]) -> Union[int, N
   On CPU the vmapped probes make the step's block of temporaries several
   times the parameters' size, and XLA:CPU allocates that block on every call,
   also on steps that do not refresh; one probe at a time keeps it and the
-  peak memory small, for a refresh step about 10% slower. Accelerators run
-  the batched forward in parallel and keep their memory pooled. Resolved
-  when ``update`` is traced, on the default backend.
+  peak memory small, for a refresh step 5-25% slower (the overhead
+  benchmark's three models). Accelerators run the batched forward in
+  parallel and keep their memory pooled. Resolved when ``update`` is
+  traced, on the default backend.
   """
   if probe_batch_size == "auto":
     return 1 if jax.default_backend() == "cpu" else None
@@ -239,8 +240,9 @@ def scale_by_hidlr(
       point, nothing more; the joint check's forward is the loop's last
       iteration, so the step compiles one forward); ``"auto"`` is ``1``
       when the default backend is the CPU, where the vmapped probes'
-      temporaries are allocated on every step and double the peak memory
-      for a refresh about 10% faster, and ``None`` on GPU and TPU.
+      temporaries are allocated on every step and raise the peak memory
+      1.5-2x over chunks of 1 for a refresh 5-25% faster, and ``None`` on
+      GPU and TPU.
     joint_check: for ``K > 1``, check the combined step after each refresh
       and shrink all rates when it overshoots (one extra forward per
       refresh); ``False`` for the paper's rule alone.
