@@ -15,6 +15,8 @@ import pytest
 
 from benchmarks import _models, overhead
 
+import _jaxprs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -246,3 +248,30 @@ def test_chunked_probes_hold_no_more_than_one_probe_forward_needs(name):
   chunk1 = sizes["Hi-DLR chunk1 (probe_batch_size=1)"][2]
   assert chunk1 <= needed + 0.05 * nbytes(bench.model.params), (chunk1, needed)
   assert sizes["Hi-DLR vmap"][2] > chunk1
+
+
+def test_bare_conditional_follows_the_callers_schedule_without_a_conditional():
+  # The measured floor of a probe refresh: Adam plus forwards on the steps
+  # the caller marks, and on the others exactly Adam, with no lax.cond.
+  bench = overhead.Bench.create(_models.build("mlp", quick=True))
+  v = overhead.Variant(k=2, bare_cond=True, bare_probes=3)
+  primitives = {}
+  for refresh in (None, True, False):
+    variant = overhead.dataclasses.replace(v, refresh=refresh)
+    tx = overhead.optimizer(bench.model, variant)
+    step = overhead.train_step(bench.model, tx, variant)
+    jaxpr = jax.make_jaxpr(step)(*bench.args(tx.init(bench.model.params)))
+    primitives[refresh] = _jaxprs.primitives(jaxpr.jaxpr)
+  loops = {"while", "scan"}
+  assert "cond" in primitives[None]
+  assert "cond" not in primitives[True] and loops & primitives[True]
+  assert not ({"cond"} | loops) & primitives[False]
+  base_tx = overhead.optimizer(bench.model, overhead.BASE)
+  plain, _, _ = jax.jit(overhead.train_step(bench.model, base_tx, overhead.BASE))(
+      *bench.args(base_tx.init(bench.model.params)))
+  variant = overhead.dataclasses.replace(v, refresh=False)
+  tx = overhead.optimizer(bench.model, variant)
+  skipped, _, _ = jax.jit(overhead.train_step(bench.model, tx, variant))(
+      *bench.args(tx.init(bench.model.params)))
+  np.testing.assert_allclose(jax.flatten_util.ravel_pytree(skipped)[0],
+                             jax.flatten_util.ravel_pytree(plain)[0], rtol=1e-6, atol=1e-7)

@@ -12,6 +12,8 @@ import pytest
 import hidlr_optax
 from hidlr_optax import _estimators, _fit
 
+import _jaxprs
+
 
 def ellipse(p):
   return p["x"] ** 2 + 100 * p["y"] ** 2
@@ -115,7 +117,7 @@ def test_fit_traces_no_reduction_over_the_probes_it_can_fold():
     closed = jax.make_jaxpr(fitted)(jnp.ones((num_groups, 4)))
     est = jax.eval_shape(fitted, jnp.ones((num_groups, 4)))
     assert est.curvature.shape == (num_groups,) and est.curvature_matrix is None
-    names = _primitives(closed.jaxpr)
+    names = _jaxprs.primitives(closed.jaxpr)
     return {name: _count(closed.jaxpr, name) for name in names if name.startswith("reduce_")}
 
   assert traced(2) == traced(8) == {"reduce_sum": 2}
@@ -540,16 +542,6 @@ def test_refresh_schedule_and_laziness():
   assert int(hidlr_optax.find_states(s)[0].num_refreshes) == 3
 
 
-def _primitives(jaxpr) -> set:
-  """Names of every primitive in a closed jaxpr, sub-jaxprs included."""
-  names = set()
-  for eqn in jaxpr.eqns:
-    names.add(eqn.primitive.name)
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      names |= _primitives(sub)
-  return names
-
-
 def test_static_refresh_false_traces_no_conditional_and_no_probe():
   traced = []
 
@@ -566,7 +558,7 @@ def test_static_refresh_false_traces_no_conditional_and_no_probe():
   top_level = lambda closed: {eqn.primitive.name for eqn in closed.jaxpr.eqns}
   skipped = update(False)
   assert not traced
-  assert "cond" not in _primitives(skipped.jaxpr)
+  assert "cond" not in _jaxprs.primitives(skipped.jaxpr)
   assert "cond" not in top_level(update(True)) and traced
   assert "cond" in top_level(update(None))
 
@@ -749,7 +741,7 @@ def test_auto_probe_batching_is_chunked_on_cpu_and_vmapped_elsewhere(monkeypatch
         optax.identity(), 1e-2, {"a": "a", "b": "b"}, probe_batch_size=batch_size
     )
     s = tx.init(p)
-    return _primitives(jax.make_jaxpr(
+    return _jaxprs.primitives(jax.make_jaxpr(
         lambda p, s: tx.update(p, s, p, value_fn=loss, refresh=True)
     )(p, s).jaxpr)
 
