@@ -654,6 +654,11 @@ MEMORY_VARIANTS = {
 MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
+def tree_bytes(tree: Any) -> int:
+  """Bytes of a pytree's array leaves."""
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
 def peak_bytes(compiled) -> int:
   """Peak memory of a compiled step by XLA's buffer assignment: arguments +
   outputs - aliased (donated) + temporaries."""
@@ -675,16 +680,17 @@ def memory_sizes(bench: Bench, names: Sequence[str] = tuple(MEMORY_VARIANTS)
   sizes = {}
   for n in names:
     step = bench.compile(MEMORY_VARIANTS[n], donate=True)[0]
-    m = step.memory_analysis()
-    sizes[n] = (m.argument_size_in_bytes, m.temp_size_in_bytes, peak_bytes(step))
+    analysis = step.memory_analysis()
+    sizes[n] = (analysis.argument_size_in_bytes, analysis.temp_size_in_bytes, peak_bytes(step))
+
+  model = bench.model
 
   def moved_forward(params, directions, c, frozen, batch):
     moved = jax.tree.map(lambda p, d: p - c * d, params, directions)
-    return bench.model.loss(moved, frozen, batch)
+    return model.loss(moved, frozen, batch)
 
-  m = bench.model
   compiled = jax.jit(moved_forward).lower(
-      m.params, m.params, jnp.float32(1e-3), m.frozen, bench.probe_batch).compile()
+      model.params, model.params, jnp.float32(1e-3), model.frozen, bench.probe_batch).compile()
   sizes["moved forward"] = compiled.memory_analysis().temp_size_in_bytes
   return sizes
 
@@ -725,16 +731,14 @@ def memory_floor(bench: Bench, sizes: dict[str, Any]) -> int:
   this decomposition: the base step's arguments, the probe batch, the
   direction (live until the update) and the temporaries of one probe
   forward compiled alone (:func:`memory_sizes`)."""
-  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
-  return (sizes["base (adam)"][0] + nbytes(bench.probe_batch) + nbytes(bench.model.params)
-          + sizes["moved forward"])
+  return (sizes["base (adam)"][0] + tree_bytes(bench.probe_batch)
+          + tree_bytes(bench.model.params) + sizes["moved forward"])
 
 
 def _memory_floor_text(bench: Bench, sizes: dict[str, Any], scheduler: str) -> str:
   """:func:`memory_floor` taken apart, and how far Hi-DLR's peak is from it."""
-  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
   base_args, base_peak = sizes["base (adam)"][0], sizes["base (adam)"][2]
-  batch = nbytes(bench.probe_batch)
+  batch = tree_bytes(bench.probe_batch)
   floor = memory_floor(bench, sizes)
   chunk1 = sizes["Hi-DLR chunk1 (probe_batch_size=1)"][2]
   larger = max(floor, base_peak + batch)
@@ -742,7 +746,7 @@ def _memory_floor_text(bench: Bench, sizes: dict[str, Any], scheduler: str) -> s
   gap = lambda x: f"{x / 2**20:+.1f} MiB" if abs(x) >= 2**20 else f"{x / 2**10:+.1f} KiB"
   return (f"Floor ({scheduler}): the base step's arguments ({mib(base_args)}) + the probe"
           f" batch ({mib(batch)}) + the direction d, live until the update"
-          f" ({mib(nbytes(bench.model.params))}) + the temporaries of one forward at a moved"
+          f" ({mib(tree_bytes(bench.model.params))}) + the temporaries of one forward at a moved"
           f" point compiled alone ({mib(sizes['moved forward'])}: its moved leaves and"
           f" activations) = {mib(floor)} = {floor / base_peak:.3f} x the base peak"
           f" ({mib(base_peak)}). Hi-DLR with chunks of 1 holds {mib(chunk1)},"

@@ -1,6 +1,7 @@
 """Smoke tests of benchmarks/overhead.py (tiny sizes, no timing assertions) and
 benchmarks/compare_revisions.py."""
 
+import dataclasses
 import math
 import pathlib
 import re
@@ -113,7 +114,7 @@ def test_bare_conditional_recomputing_its_direction_updates_as_the_plain_one_in_
   # moments would add twice the parameters' bytes).
   peaks = {v: overhead.peak_bytes(bench.compile(v, donate=True)[0])
            for v in (plain, recomputing)}
-  param_bytes = sum(x.nbytes for x in jax.tree.leaves(bench.model.params))
+  param_bytes = overhead.tree_bytes(bench.model.params)
   assert peaks[recomputing] - peaks[plain] < 0.25 * param_bytes, (peaks, param_bytes)
 
 
@@ -242,11 +243,11 @@ def test_chunked_probes_hold_no_more_than_one_probe_forward_needs(name):
   bench = overhead.Bench.create(_models.build(name, quick=True))
   sizes = overhead.memory_sizes(
       bench, ["base (adam)", "Hi-DLR vmap", "Hi-DLR chunk1 (probe_batch_size=1)"])
-  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
   base_peak = sizes["base (adam)"][2]
-  needed = max(overhead.memory_floor(bench, sizes), base_peak + nbytes(bench.probe_batch))
+  needed = max(overhead.memory_floor(bench, sizes),
+               base_peak + overhead.tree_bytes(bench.probe_batch))
   chunk1 = sizes["Hi-DLR chunk1 (probe_batch_size=1)"][2]
-  assert chunk1 <= needed + 0.05 * nbytes(bench.model.params), (chunk1, needed)
+  assert chunk1 <= needed + 0.05 * overhead.tree_bytes(bench.model.params), (chunk1, needed)
   assert sizes["Hi-DLR vmap"][2] > chunk1
 
 
@@ -257,7 +258,7 @@ def test_bare_conditional_follows_the_callers_schedule_without_a_conditional():
   v = overhead.Variant(k=2, bare_cond=True, bare_probes=3)
   primitives = {}
   for refresh in (None, True, False):
-    variant = overhead.dataclasses.replace(v, refresh=refresh)
+    variant = dataclasses.replace(v, refresh=refresh)
     tx = overhead.optimizer(bench.model, variant)
     step = overhead.train_step(bench.model, tx, variant)
     jaxpr = jax.make_jaxpr(step)(*bench.args(tx.init(bench.model.params)))
@@ -269,7 +270,7 @@ def test_bare_conditional_follows_the_callers_schedule_without_a_conditional():
   base_tx = overhead.optimizer(bench.model, overhead.BASE)
   plain, _, _ = jax.jit(overhead.train_step(bench.model, base_tx, overhead.BASE))(
       *bench.args(base_tx.init(bench.model.params)))
-  variant = overhead.dataclasses.replace(v, refresh=False)
+  variant = dataclasses.replace(v, refresh=False)
   tx = overhead.optimizer(bench.model, variant)
   skipped, _, _ = jax.jit(overhead.train_step(bench.model, tx, variant))(
       *bench.args(tx.init(bench.model.params)))
