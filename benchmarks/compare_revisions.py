@@ -25,10 +25,11 @@ and keeps their ratio, so that every value is measured side by side. The
 ``step`` task does the same for step times (interleaved repetitions) and
 adds the peak memory of the donated step.
 
-Usage::
+Usage (files that record a change go to ``benchmarks/results/history/``)::
 
   python -m benchmarks.compare_revisions --revisions 2e169ca HEAD \
-      --tasks california-mlp additive-synthetic --seeds 8
+      --tasks california-mlp additive-synthetic --seeds 8 \
+      --out benchmarks/results/history/revisions_<name>.md
   python -m benchmarks.compare_revisions --revisions HEAD . --quick  # a smoke run
 """
 
