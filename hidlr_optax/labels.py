@@ -15,6 +15,14 @@ dropped. The groupings follow Xu, Bu, Zhang & Barnett (Hi-DLR), section 4:
 head vs body, bias vs weight and normalisation layers (Table 2), LoRA A / B
 (Table 1), one sub-network per feature or expert (section 4.4, appendix B)
 and one output column per task (section 4.3).
+
+A helper that promises named groups checks them: when a group it promises
+comes out empty (``head_vs_body()`` on a model whose output layer is called
+``Dense_2``, ``bias_vs_weight()`` on a model without biases), applying its
+label function raises a ``ValueError`` naming the helper, the pattern and
+some of the paths it saw, instead of training a single group (plain GeN)
+without a word. Groups a helper only offers (``lora()``'s ``rest``, the
+``rest`` of :func:`by_depth` and :func:`per_output`) may be empty.
 """
 
 from __future__ import annotations
@@ -44,8 +52,11 @@ HEAD_PATTERN = r"(?i)(^|/)(head|classifier)[^/]*/"
 #: ``LoRA`` and Hugging Face PEFT names), likewise for B.
 LORA_A_PATTERN = r"(?i)(^|/)lora_?a(/|$)"
 LORA_B_PATTERN = r"(?i)(^|/)lora_?b(/|$)"
+#: Regex of :func:`bias_vs_weight`: a leaf named ``bias``.
+BIAS_PATTERN = r"(^|/)bias$"
 
 __all__ = [
+    "BIAS_PATTERN",
     "HEAD_PATTERN",
     "LORA_A_PATTERN",
     "LORA_B_PATTERN",
@@ -122,6 +133,52 @@ def by_path(label_of: Callable[[str, Any], LabelLeaf]) -> LabelFn:
   return labels
 
 
+def _paths_seen(params: Any, shown: int = 3) -> str:
+  """The first and last ``shown`` path strings of ``params``, and their count."""
+  paths = [repr(path_string(p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  listed = paths if len(paths) <= 2 * shown else paths[:shown] + ["..."] + paths[-shown:]
+  return f"{', '.join(listed)} ({len(paths)} in all)"
+
+
+def _group_name(label: LabelLeaf) -> str:
+  if not isinstance(label, SliceLabels):
+    return f"the group {label!r}"
+  if isinstance(label.labels, str):
+    return f"the per-slice split into {label.labels}0, {label.labels}1, ..."
+  return f"the per-slice split into {list(label.labels)}"
+
+
+def _promising(
+    helper: str, label_fn: LabelFn, promised: Sequence[tuple[LabelLeaf, str]], hint: str = ""
+) -> LabelFn:
+  """``label_fn``, raising when one of the groups it promises is empty.
+
+  Args:
+    helper: the helper's name, for the message.
+    label_fn: the label function to check.
+    promised: ``(label, why_empty)`` pairs: each label must label at least
+      one leaf; ``why_empty`` says, in the message, what matched nothing.
+    hint: a sentence on what to do, appended to the message.
+
+  Returns:
+    A label function giving ``label_fn``'s labels. A tree without leaves is
+    passed through (it has no groups to promise).
+  """
+
+  def labels(params: Any) -> Any:
+    tree = label_fn(params)
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, SliceLabels))
+    for label, why_empty in promised:
+      if leaves and not any(leaf == label for leaf in leaves):
+        raise ValueError(
+            f"{helper}: {_group_name(label)} it promises is empty: {why_empty}."
+            f" Paths seen: {_paths_seen(params)}.{' ' + hint if hint else ''}"
+        )
+    return tree
+
+  return labels
+
+
 def by_regex(rules: Rules, default: Union[LabelLeaf, None] = None) -> LabelFn:
   """Labels every leaf by the first regex that its path string matches.
 
@@ -176,12 +233,22 @@ def bias_vs_weight(bias: LabelLeaf = "bias", weight: LabelLeaf = "weight") -> La
   Returns:
     A label function ``params -> labels``.
 
+  Raises:
+    ValueError: (when the function is applied) if no leaf is named ``bias``
+      or every leaf is.
+
   Example:
     >>> import jax.numpy as jnp
     >>> bias_vs_weight()({'dense': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}})
     {'dense': {'bias': 'bias', 'kernel': 'weight'}}
   """
-  return by_regex([(r"(^|/)bias$", bias)], default=weight)
+  return _promising(
+      "bias_vs_weight",
+      by_regex([(BIAS_PATTERN, bias)], default=weight),
+      [(bias, f"no parameter path matches the bias pattern {BIAS_PATTERN!r}"),
+       (weight, f"every parameter path matches the bias pattern {BIAS_PATTERN!r}")],
+      "For a model without biases use another grouping.",
+  )
 
 
 def norm_vs_rest(
@@ -200,12 +267,22 @@ def norm_vs_rest(
   Returns:
     A label function ``params -> labels``.
 
+  Raises:
+    ValueError: (when the function is applied) if no path matches
+      ``pattern`` or every path does.
+
   Example:
     >>> import jax.numpy as jnp
     >>> norm_vs_rest()({'LayerNorm_0': {'scale': jnp.ones(2)}, 'Dense_0': {'kernel': jnp.ones(2)}})
     {'Dense_0': {'kernel': 'rest'}, 'LayerNorm_0': {'scale': 'norm'}}
   """
-  return by_regex([(pattern, norm)], default=rest)
+  return _promising(
+      "norm_vs_rest",
+      by_regex([(pattern, norm)], default=rest),
+      [(norm, f"no parameter path matches the norm pattern {pattern!r}"),
+       (rest, f"every parameter path matches the norm pattern {pattern!r}")],
+      "Pass pattern= matching your normalisation layers' paths.",
+  )
 
 
 def head_vs_body(
@@ -225,12 +302,28 @@ def head_vs_body(
   Returns:
     A label function ``params -> labels``.
 
+  Raises:
+    ValueError: (when the function is applied) if no path matches
+      ``pattern`` (e.g. an output layer named ``Dense_2``) or every path does.
+
   Example:
     >>> import jax.numpy as jnp
     >>> head_vs_body()({'encoder': {'kernel': jnp.ones(2)}, 'head': {'kernel': jnp.ones(2)}})
     {'encoder': {'kernel': 'body'}, 'head': {'kernel': 'head'}}
+    >>> head_vs_body()({'Dense_0': {'kernel': jnp.ones(2)}, 'Dense_1': {'kernel': jnp.ones(2)}})
+    Traceback (most recent call last):
+    ...
+    ValueError: head_vs_body: the group 'head' it promises is empty: no parameter
+    path matches the head pattern ... Paths seen: 'Dense_0/kernel',
+    'Dense_1/kernel' (2 in all). Pass pattern= ...
   """
-  return by_regex([(pattern, head)], default=body)
+  return _promising(
+      "head_vs_body",
+      by_regex([(pattern, head)], default=body),
+      [(head, f"no parameter path matches the head pattern {pattern!r}"),
+       (body, f"every parameter path matches the head pattern {pattern!r}")],
+      "Pass pattern= matching your output layer's paths, e.g. head_vs_body(r'^Dense_2/').",
+  )
 
 
 def lora(
@@ -258,12 +351,23 @@ def lora(
   Returns:
     A label function ``params -> labels``.
 
+  Raises:
+    ValueError: (when the function is applied) if no path matches
+      ``a_pattern`` or none matches ``b_pattern`` (the ``rest`` group may be
+      empty).
+
   Example:
     >>> import jax.numpy as jnp
     >>> lora()({'lora_a': jnp.ones((4, 2)), 'lora_b': jnp.ones((2, 4)), 'head': jnp.ones(4)})
     {'head': 'rest', 'lora_a': 'lora_a', 'lora_b': 'lora_b'}
   """
-  return by_regex([(a_pattern, a), (b_pattern, b)], default=rest)
+  return _promising(
+      "lora",
+      by_regex([(a_pattern, a), (b_pattern, b)], default=rest),
+      [(a, f"no parameter path matches a_pattern {a_pattern!r}"),
+       (b, f"no parameter path matches b_pattern {b_pattern!r}")],
+      "Pass a_pattern= and b_pattern= matching your adapters' factor names.",
+  )
 
 
 def by_submodule(depth: int = 1) -> LabelFn:
@@ -315,6 +419,9 @@ def by_depth(
   Returns:
     A label function ``params -> labels``.
 
+  Raises:
+    ValueError: (when the function is applied) if no leaf has an index.
+
   Example:
     >>> import jax.numpy as jnp
     >>> p = {f'layers_{i}': {'kernel': jnp.ones(2)} for i in (0, 1, 10)}
@@ -338,6 +445,13 @@ def by_depth(
   def labels(params: Any) -> Any:
     paths = [path_string(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     indices = [i for i in map(index_of, paths) if i is not None]
+    if paths and not indices:
+      raise ValueError(
+          f"by_depth: the layer groups it promises are empty: no module name on"
+          f" any parameter path matches the index pattern {pattern!r}, so every"
+          f" parameter would be in {rest!r}. Paths seen: {_paths_seen(params)}."
+          " Name the layers with a trailing index, or pass pattern=."
+      )
     width = len(str(max(indices))) if indices else 1
 
     def label_of(path: str, leaf: Any) -> LabelLeaf:
@@ -367,13 +481,22 @@ def per_output(
   Returns:
     A label function ``params -> labels``.
 
+  Raises:
+    ValueError: (when the function is applied) if no path matches
+      ``pattern``.
+
   Example:
     >>> import jax.numpy as jnp
     >>> p = {'body': jnp.ones(3), 'head': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones(2)}}
     >>> sorted(group_sizes(per_output(r'^head/', 'task_'), p).items())
     [('rest', 3), ('task_0', 4), ('task_1', 4)]
   """
-  return by_regex([(pattern, per_slice(-1, prefix))], default=rest)
+  split = per_slice(-1, prefix)
+  return _promising(
+      "per_output",
+      by_regex([(pattern, split)], default=rest),
+      [(split, f"no parameter path matches the pattern {pattern!r}")],
+  )
 
 
 def group_sizes(param_labels: LabelsOrFn, params: Any) -> dict[Label, int]:

@@ -326,3 +326,105 @@ def test_label_functions_work_as_multi_transform_labels():
   assert float(jnp.abs(updates["head"]["bias"]).sum()) == 0.0
   assert float(jnp.abs(updates["head"]["kernel"]).min()) == 1.0
 
+
+
+# ----------------------------------------------------------------------------
+# A group a helper promises that comes out empty is an error (issue 26, item 2)
+# ----------------------------------------------------------------------------
+
+
+class LinenAutoNamedMLP(nn.Module):
+  """Layers ``Dense_0..Dense_2``, no ``head``, no norm, no LoRA."""
+
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    for width in (8, 8, D_OUT):
+      x = nn.Dense(width, use_bias=self.use_bias)(x)
+    return x
+
+
+def auto_named(use_bias=True):
+  return LinenAutoNamedMLP(use_bias).init(jax.random.key(0), jnp.ones((1, D_IN)))["params"]
+
+
+@pytest.mark.parametrize(
+    "helper, pattern",
+    [
+        (L.head_vs_body, L.HEAD_PATTERN),
+        (L.norm_vs_rest, L.NORM_PATTERN),
+        (L.lora, L.LORA_A_PATTERN),
+        (lambda: L.per_output(r"^head/"), r"^head/"),
+    ],
+)
+def test_a_promised_group_that_is_empty_raises_naming_pattern_and_paths(helper, pattern):
+  params = auto_named()
+  name = "per_output" if pattern == r"^head/" else helper.__name__
+  with pytest.raises(ValueError) as info:
+    helper()(params)
+  message = str(info.value)
+  assert message.startswith(f"{name}: ") and "empty" in message
+  assert repr(pattern) in message
+  assert "'Dense_0/bias'" in message and "'Dense_2/kernel'" in message
+  assert "(6 in all)" in message
+  # Every way of using the grouping raises: Hi-DLR's init, group_sizes, optax.
+  with pytest.raises(ValueError, match=f"^{name}: "):
+    hidlr_optax.hidlr(optax.scale_by_adam(), 1e-3, helper()).init(params)
+  with pytest.raises(ValueError, match=f"^{name}: "):
+    L.group_sizes(helper(), params)
+  with pytest.raises(ValueError, match=f"^{name}: "):
+    optax.multi_transform({"head": optax.sgd(1.0), "body": optax.sgd(1.0)}, helper()).init(params)
+
+
+def test_head_vs_body_on_an_auto_named_model_is_not_plain_gen():
+  """The issue's case: today this gives ``{'body': N}``, one group."""
+  params = auto_named()
+  with pytest.raises(ValueError, match=r"group 'head' .* empty.*head_vs_body\(r'\^Dense_2/'\)"):
+    L.group_sizes(L.head_vs_body(), params)
+  sizes = L.group_sizes(L.head_vs_body(r"^Dense_2/"), params)
+  assert sizes == {"body": D_IN * 8 + 8 + 8 * 8 + 8, "head": 8 * D_OUT + D_OUT}
+
+
+@pytest.mark.parametrize("net", list(NETS))
+def test_the_other_side_of_a_two_way_helper_may_not_be_empty_either(net):
+  params = NETS[net]()
+  with pytest.raises(ValueError, match="group 'body' .* every parameter path matches"):
+    L.head_vs_body(r".")(params)
+  with pytest.raises(ValueError, match="group 'rest' .* every parameter path matches"):
+    L.norm_vs_rest(pattern=r".")(params)
+  with pytest.raises(ValueError, match="group 'weight' .* every parameter path matches"):
+    L.bias_vs_weight()({"dense": {"bias": jnp.ones(2)}, "norm": {"bias": jnp.ones(2)}})
+
+
+def test_bias_vs_weight_without_biases_raises():
+  with pytest.raises(ValueError, match=r"bias_vs_weight: the group 'bias' .*'Dense_0/kernel'"):
+    L.bias_vs_weight()(auto_named(use_bias=False))
+
+
+def test_lora_needs_both_factors_but_not_a_rest_group():
+  only_a = {"lora_a": jnp.ones((4, 2)), "head": jnp.ones(4)}
+  with pytest.raises(ValueError, match="lora: the group 'lora_b'"):
+    L.lora()(only_a)
+  # nnx.Optimizer(model, tx, wrt=nnx.LoRAParam): only the factors, no rest.
+  state = nnx.as_pure(nnx.state(NNXNet(nnx.Rngs(0)), nnx.LoRAParam))
+  assert L.group_sizes(L.lora(), state) == {
+      "lora_a": N_BLOCKS * LORA_A, "lora_b": N_BLOCKS * LORA_B,
+  }
+
+
+def test_by_depth_without_any_layer_index_raises():
+  with pytest.raises(ValueError, match=r"by_depth: .*pattern '\(\\\\d\+\)\$'.*'head/bias'"):
+    L.by_depth()({"embed": {"kernel": jnp.ones(2)}, "head": {"bias": jnp.ones(2)}})
+
+
+def test_a_tree_without_leaves_passes_through():
+  for helper in (L.head_vs_body, L.bias_vs_weight, L.norm_vs_rest, L.lora):
+    assert helper()({}) == {}
+
+
+def test_the_message_lists_a_few_paths_not_all():
+  params = {f"layer_{i:02d}": {"kernel": jnp.ones(2)} for i in range(50)}
+  message = str(pytest.raises(ValueError, L.head_vs_body(), params).value)
+  assert "'layer_00/kernel', 'layer_01/kernel', 'layer_02/kernel', ..., 'layer_47/kernel'" in message
+  assert "'layer_10/kernel'" not in message and "(50 in all)" in message
