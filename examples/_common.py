@@ -422,6 +422,10 @@ def train_full_batch(
 # ----------------------------------------------------------------------------
 
 
+#: Where Hi-DLR's probes look in :func:`minibatch_epoch` (its ``probe``).
+PROBE_MODES = ("fresh", "same", "split")
+
+
 def _batches(x: jax.Array, perm: jax.Array, batch_size: int) -> jax.Array:
   num = perm.shape[0] // batch_size
   return x[perm[: num * batch_size]].reshape(num, batch_size, *x.shape[1:])
@@ -453,12 +457,18 @@ def minibatch_epoch(
     batch_size: mini-batch size (the last partial batch is dropped).
     probe: ``"fresh"``: Hi-DLR's ``value_fn`` evaluates a batch drawn
       independently of the gradient's batch (ALGORITHM.md section 6);
-      ``"same"``: the gradient's own batch.
+      ``"same"``: the gradient's own batch; ``"split"``: each mini-batch is
+      cut in two, the gradient taken on its first half (``batch_size // 2``
+      rows) and the probes on the rest, so the probes cost no rows beyond
+      the batch but the gradient sees half of them.
 
   Returns:
-    New parameters, state and per-step records ``loss`` (the batch loss) and
-    ``lr`` (Hi-DLR rates, ``{}`` otherwise).
+    New parameters, state and per-step records ``loss`` (the batch loss; of
+    the gradient's half with ``probe="split"``) and ``lr`` (Hi-DLR rates,
+    ``{}`` otherwise).
   """
+  if probe not in PROBE_MODES:
+    raise ValueError(f"probe must be one of {PROBE_MODES}, got {probe!r}")
   tx = optax.with_extra_args_support(method.make_tx(hp))
   x, y = data
   xs, ys = _batches(x, perms[0], batch_size), _batches(y, perms[0], batch_size)
@@ -470,6 +480,9 @@ def minibatch_epoch(
   def step(carry, batch):
     p, s = carry
     xb, yb, xp, yp = batch
+    if probe == "split":
+      half = xb.shape[0] // 2
+      xb, yb, xp, yp = xb[:half], yb[:half], xb[half:], yb[half:]
     value, grads = jax.value_and_grad(loss_fn)(p, xb, yb)
     if probe == "same":
       extra = dict(value_fn=lambda q: loss_fn(q, xb, yb), value=value)

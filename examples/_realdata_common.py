@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -85,9 +86,38 @@ def benchmark_parser(
       "--joint-check", action=argparse.BooleanOptionalAction, default=True,
       help="Hi-DLR's joint check (scale_by_hidlr(joint_check=...))",
   )
+  p.add_argument(
+      "--hidlr-kwargs", type=json_object, default={}, metavar="JSON",
+      help="further keyword arguments of scale_by_hidlr for every Hi-DLR / Hi-ULR row,"
+      """ as a JSON object, e.g. '{"joint_check": false}' (they override the flags above)""",
+  )
   p.add_argument("--methods", nargs="+", default=None, help="run only these method names")
   p.add_argument("--out", type=Path, default=RESULTS_DIR)
   return p
+
+
+def json_object(text: str) -> dict[str, Any]:
+  """Parses ``--hidlr-kwargs``: a JSON object (``{}`` for none)."""
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+  if not isinstance(value, dict):
+    raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text!r}")
+  return value
+
+
+def hidlr_options(args: argparse.Namespace) -> dict[str, Any]:
+  """The keyword arguments every Hi-DLR row of a benchmark shares.
+
+  Weight decay, ``update_every`` and ``joint_check`` from their flags, then
+  ``--hidlr-kwargs`` (which wins over them), for :func:`hidlr_entry`.
+  """
+  base = dict(
+      weight_decay=args.weight_decay, update_every=args.update_every,
+      joint_check=args.joint_check,
+  )
+  return {**base, **getattr(args, "hidlr_kwargs", {})}
 
 
 def adamw_direction(weight_decay: float) -> optax.GradientTransformation:
@@ -197,6 +227,8 @@ class SeedRuns:
     history: the first seed's training record (at the chosen grid point).
     setting: the chosen grid point, described (``""`` without a grid).
     peak: the chosen grid value (``None`` without a grid).
+    grid_points: with a grid, every point as ``(setting, metrics per seed)``,
+      in grid order (empty without a grid).
   """
 
   metrics: list[dict]
@@ -204,6 +236,7 @@ class SeedRuns:
   history: dict
   setting: str = ""
   peak: Optional[float] = None
+  grid_points: list[tuple[str, list[dict]]] = dataclasses.field(default_factory=list)
 
 
 def run_seeds(
@@ -253,6 +286,7 @@ def run_seeds(
     out[entry.name] = SeedRuns(
         points[best], seconds, jax.tree.map(lambda x: x[best], histories[0]),
         entry.method.describe(grid[best]), float(grid[best]),
+        [(entry.method.describe(g), p) for g, p in zip(grid, points)],
     )
   return out
 

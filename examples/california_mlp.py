@@ -73,8 +73,8 @@ def make_model(name: str) -> tuple[Callable, Callable, dict[str, Any], str]:
 
 
 def build_entries(args, steps: int, groups: dict[str, Any]) -> list[rc.Entry]:
-  wd, lr, phi = args.weight_decay, args.lr, args.update_every
-  common = dict(weight_decay=wd, update_every=phi, joint_check=args.joint_check)
+  wd, lr = args.weight_decay, args.lr
+  common = rc.hidlr_options(args)
   hidlr = [
       rc.hidlr_entry(f"Hi-DLR ({name})", lr, labels, **common)
       for name, labels in groups.items()

@@ -124,8 +124,8 @@ def groupings(params: Any) -> dict[str, Any]:
 
 
 def build_entries(args, steps: int, params) -> list[rc.Entry]:
-  wd, lr, phi = args.weight_decay, args.lr, args.update_every
-  common = dict(weight_decay=wd, update_every=phi, joint_check=args.joint_check)
+  wd, lr = args.weight_decay, args.lr
+  common = rc.hidlr_options(args)
   schedules = [
       rc.scheduled_adamw(f"AdamW {kind}", kind, args.peaks, steps, weight_decay=wd)
       for kind in ("constant", "linear", "cosine")

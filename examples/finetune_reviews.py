@@ -154,8 +154,8 @@ def _in_top(path: tuple, stop: int) -> bool:
 
 def build_entries(args: argparse.Namespace, steps: int, labels) -> list[rc.Entry]:
   """The compared methods (paper Table 1 recipe: AdamW, cosine, 3% warm-up)."""
-  wd, lr, phi, peaks = args.weight_decay, args.lr, args.update_every, args.peaks
-  common = dict(weight_decay=wd, update_every=phi, joint_check=args.joint_check)
+  wd, lr, peaks = args.weight_decay, args.lr, args.peaks
+  common = rc.hidlr_options(args)
   groups = {"lora_a": 1.0, "lora_b": 16.0, "head": 1.0}
   return [
       rc.scheduled_adamw(
