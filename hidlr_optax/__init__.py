@@ -15,6 +15,7 @@ from hidlr_optax._state import (
     learning_rates,
 )
 from hidlr_optax._transform import STATIC_ARGS, gen, hidlr, scale_by_hidlr
+from hidlr_optax._multi_steps import multi_steps
 from hidlr_optax import labels
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "hidlr",
     "labels",
     "learning_rates",
+    "multi_steps",
     "per_slice",
     "scale_by_hidlr",
 ]
