@@ -22,6 +22,7 @@ import importlib
 import inspect
 import os
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -100,9 +101,14 @@ _MIRROR_SUFFIXES = {".md", ".png", ".log", ".ipynb"}
 
 
 def _mirrored_bytes(source: pathlib.Path) -> bytes:
-  """A file's content as mirrored: a Markdown file without a ``# `` title gets
-  its file name as one (Sphinx links pages by their titles)."""
+  """A file's content as mirrored: links into ``docs/`` are made relative to
+  the mirror, and a Markdown file without a ``# `` title gets its file name as
+  one (Sphinx links pages by their titles)."""
   data = source.read_bytes()
+  if source.suffix == ".md":
+    # The mirror maps the checkout's root to docs/: a link from a results file
+    # up to docs/X.md is ../X.md there.
+    data = re.sub(rb"\]\(((?:\.\./)+)docs/", rb"](\1", data)
   if source.suffix == ".md" and not any(
       line.startswith(b"# ") for line in data.splitlines()):
     data = b"# " + source.name.encode() + b"\n\n" + data
