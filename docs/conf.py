@@ -44,7 +44,6 @@ release = version = importlib.import_module("hidlr_optax").__version__
 extensions = [
     "myst_nb",
     "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
     "sphinx.ext.napoleon",
@@ -70,11 +69,12 @@ html_static_path: list[str] = []
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented"
 autodoc_typehints_format = "short"
-autosummary_generate = False
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+napoleon_attr_annotations = False
 
 _INVENTORIES = {
     "python": ("https://docs.python.org/3", None),
@@ -195,6 +195,11 @@ def _own_docstring(obj) -> str:
   return inspect.cleandoc(doc) if doc else ""
 
 
+def _first_sentence(text: str) -> str:
+  """The first paragraph of a docstring, on one line."""
+  return " ".join(text.strip().split("\n\n", 1)[0].split())
+
+
 def describe(module, name: str) -> tuple[str, str]:
   """(autodoc directive, documentation text) of one public name; text '' = none."""
   obj = getattr(module, name)
@@ -230,14 +235,15 @@ class HiDLRApi(SphinxDirective):
     for name in names:
       kind, text = describe(module, name)
       if kind == "module":
-        summary.append(f"   {name}")
+        summary += [f"   * - :py:mod:`~{modname}.{name}`", f"     - {_first_sentence(text)}"]
         continue
       if not text:
         self.state.document.reporter.warning(
             f"{modname}.{name} is public (in __all__) but has no documentation: give it a "
             "docstring (functions, classes) or a `#:` comment above its assignment (constants)",
             line=self.lineno)
-      summary.append(f"   {name}")
+      role = {"data": "data", "autoclass": "class", "autofunction": "func"}[kind]
+      summary += [f"   * - :py:{role}:`{name}`", f"     - {_first_sentence(text) or '(undocumented)'}"]
       if kind == "data":
         value = getattr(module, name)
         shown = repr(value) if len(repr(value)) < 90 else f"{type(value).__name__}(...)"
@@ -247,7 +253,7 @@ class HiDLRApi(SphinxDirective):
         entries += [f".. autoclass:: {modname}.{name}", "   :members:", "   :show-inheritance:", ""]
       else:
         entries += [f".. autofunction:: {modname}.{name}", ""]
-    lines += [".. autosummary::", "   :nosignatures:", ""] + summary + [""] + entries
+    lines += [".. list-table::", "   :widths: 30 70", ""] + summary + [""] + entries
     container = nodes.container()
     self.state.nested_parse(StringList(lines, source=f"<hidlr-api {modname}>"),
                             self.content_offset, container)
