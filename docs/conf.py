@@ -7,8 +7,8 @@ Build (offline, warnings as errors; `tests/test_docs.py` runs the same)::
 The results files in ``benchmarks/`` and the quickstart notebook live outside
 ``docs/``. Sphinx only renders documents inside its source folder, so this file
 mirrors them into ``docs/benchmarks/`` and ``docs/notebooks/`` (ignored by git)
-before the build: their relative links and figures keep working, and every
-results file becomes a page. The API reference is generated from ``__all__``
+when Sphinx loads it (``setup``), before it looks for documents: their relative
+links and figures keep working, and every results file becomes a page. The API reference is generated from ``__all__``
 (the ``hidlr-api`` directive below), so a name added there is documented
 without editing the docs, and one without a docstring fails the build.
 
@@ -84,7 +84,6 @@ _INVENTORIES = {
     "flax": ("https://flax.readthedocs.io/en/latest/", None),
 }
 intersphinx_mapping = _INVENTORIES if os.environ.get("HIDLR_DOCS_INTERSPHINX") == "1" else {}
-intersphinx_disabled_reftypes = ["*"]
 intersphinx_timeout = 10
 
 
@@ -144,8 +143,6 @@ def mirror_sources() -> None:
           and path.relative_to(target) not in wanted):
         path.unlink(missing_ok=True)
 
-
-mirror_sources()
 
 
 # -- The API reference, from __all__ ---------------------------------------------
@@ -268,6 +265,7 @@ def _skip_member(app, what, name, obj, skip, options):
 
 
 def setup(app):
+  mirror_sources()  # before Sphinx looks for documents
   app.add_directive("hidlr-api", HiDLRApi)
   app.connect("autodoc-skip-member", _skip_member)
   return {"parallel_read_safe": True, "parallel_write_safe": True}
