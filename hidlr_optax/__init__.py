@@ -16,6 +16,7 @@ from hidlr_optax._state import (
 )
 from hidlr_optax._transform import STATIC_ARGS, gen, hidlr, scale_by_hidlr
 from hidlr_optax._multi_steps import multi_steps
+from hidlr_optax._hyperparams import find_hyperparams, set_hyperparams
 from hidlr_optax import labels
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "STATIC_ARGS",
     "ScaleByHiDLRState",
     "SliceLabels",
+    "find_hyperparams",
     "find_states",
     "fit_diagnostics",
     "gen",
@@ -36,4 +38,5 @@ __all__ = [
     "multi_steps",
     "per_slice",
     "scale_by_hidlr",
+    "set_hyperparams",
 ]

@@ -83,6 +83,7 @@ def next_rates(
     max_growth: Union[Scalar, None],
     min_learning_rate: Scalar,
     max_learning_rate: Union[Scalar, None],
+    stability: Union[Proposal, None] = None,
 ) -> jax.Array:
   """Moves accepted groups' rates towards ``eta*``; others keep theirs.
 
@@ -95,15 +96,107 @@ def next_rates(
   wipe a rate out. Rejected groups, and groups whose step is below the
   loss's resolution (whose fit is rounding noise), keep their rate. The
   result is clipped to ``[min_learning_rate, max_learning_rate]``.
+
+  With ``stability`` (the one-step proposal, when ``proposal`` comes from
+  another target such as :func:`period_proposal`), the test ``eta > 2
+  eta*`` and the cut use the one-step optimum of the groups it accepted.
   """
-  target = proposal.optimal_rates
-  if max_growth is not None:
-    target = jnp.clip(target, rates / max_growth, rates * max_growth)
+  limit = proposal if stability is None else stability
+  clip = lambda x: x if max_growth is None else jnp.clip(x, rates / max_growth, rates * max_growth)
+  target = clip(proposal.optimal_rates)
   smoothed = smoothing * rates + (1 - smoothing) * target
-  predicted_increase = rates > 2 * proposal.optimal_rates
-  new = jnp.where(predicted_increase, target, smoothed)
+  predicted_increase = limit.accepted & (rates > 2 * limit.optimal_rates)
+  new = jnp.where(predicted_increase, clip(limit.optimal_rates), smoothed)
   new = bound(new, min_learning_rate, max_learning_rate)
-  return jnp.where(proposal.accepted, new, rates).astype(rates.dtype)
+  accepted = proposal.accepted | predicted_increase
+  return jnp.where(accepted, new, rates).astype(rates.dtype)
+
+
+def one_step_optimum(estimate: _estimators.Estimate, rates: jax.Array) -> jax.Array:
+  """``eta*_k = b_k / A_kk`` for diagnostics; NaN where it is undefined.
+
+  Undefined where the fitted quadratic has no minimum along the step: its
+  curvature is not positive, or the curvature's share of the loss change at
+  a unit step is within rounding (a near-zero ``A_kk`` would give an
+  optimum of 1e28 that means nothing), or the fit is not finite.
+  """
+  slope, curvature = estimate.slope, estimate.curvature
+  resolved = curvature > 2 * _estimators.loss_resolution(estimate.origin)
+  defined = resolved & jnp.isfinite(slope) & jnp.isfinite(curvature) & ~estimate.below_resolution
+  optimum = rates * slope / jnp.where(defined, curvature, 1)
+  return jnp.where(defined, optimum, jnp.nan).astype(rates.dtype)
+
+
+def uphill(estimate: _estimators.Estimate, min_r2: Scalar) -> jax.Array:
+  """Per group: the fit finds the direction pointing uphill, well resolved.
+
+  The slope is negative by more than the loss's resolution and the fit
+  explains the probes (``R^2 >= min_r2``).
+  """
+  rise = -estimate.slope
+  return (
+      ~estimate.below_resolution
+      & jnp.isfinite(rise)
+      & (rise > _estimators.loss_resolution(estimate.origin))
+      & (estimate.r_squared >= min_r2)
+  )
+
+
+def period_proposal(
+    estimate: _estimators.Estimate,
+    rates: jax.Array,
+    *,
+    min_r2: Scalar,
+    max_growth: Union[Scalar, None],
+) -> Proposal:
+  r"""Rates from a fit along each group's displacement over the last period.
+
+  The one-step optimum ``b_k / A_kk`` is greedy: it is the best rate for a
+  single step, which on noisy mini-batches is far below the rate that
+  serves many steps (the short-horizon bias of Wu, Ren, Liao & Grosse,
+  *Understanding short-horizon bias in stochastic meta-optimization*, ICLR
+  2018). Over the ``Phi`` steps since the last refresh, each group moved by
+  ``D_k = w_k(t) - w_k(t - Phi)`` at its current rate; the signal in those
+  steps adds up while their mini-batch noise partly cancels. ``estimate``
+  models the loss along ``w + u D_k`` (so ``u = -1`` is where the period
+  started), and its minimiser ``u*_k = beta_k / M_k`` says how much further
+  the same rate would have paid: the rate that would have landed on the
+  minimum of that line is
+
+  .. math::
+
+    \eta^{\mathrm{period}}_k = \eta_k\, \mathrm{clip}(1 + u^*_k, 1/g, g),
+
+  a lagged exact line search along the realised step, as the
+  Barzilai-Borwein step is a lagged Cauchy step (Barzilai & Borwein, 1988;
+  Raydan & Svaiter, 2002). Where the loss is still falling and not convex
+  along ``D_k`` (``beta_k > 0 >= M_k``) the rate grows ``g``-fold. A group
+  passes when its displacement registers in the loss and the fit is finite
+  with ``R^2 >= min_r2``. Without a growth bound, ``g = 2``.
+
+  Args:
+    estimate: the model along ``w + u D_k`` (``u`` in normalised units).
+    rates: the rates that made the displacements.
+    min_r2: smallest ``R^2`` accepted.
+    max_growth: ``g``, or ``None``.
+
+  Returns:
+    The proposal; ``below_resolution`` where a displacement did not register.
+  """
+  growth = 2.0 if max_growth is None else max_growth
+  slope, curvature, r2 = estimate.slope, estimate.curvature, estimate.r_squared
+  fitted = (
+      ~estimate.below_resolution
+      & jnp.isfinite(slope)
+      & jnp.isfinite(curvature)
+      & (r2 >= min_r2)
+  )
+  convex = curvature > 0
+  factor = 1 + slope / jnp.where(convex, curvature, 1)
+  factor = jnp.where(convex, jnp.clip(factor, 1 / growth, growth), growth)
+  passes = fitted & (convex | (slope > 0))
+  optimal = rates * jnp.where(passes, factor, 1)
+  return Proposal(optimal.astype(rates.dtype), passes, estimate.below_resolution)
 
 
 def bound(
@@ -123,6 +216,7 @@ def joint_factor(
     rates: jax.Array,
     origin: jax.Array,
     joint_loss: jax.Array,
+    separable: Union[jax.Array, None] = None,
 ) -> jax.Array:
   r"""The factor ``t`` by which to scale the step after the joint check.
 
@@ -136,20 +230,31 @@ def joint_factor(
     f(t) = -S t + c t^2, \quad S = \sum_k \eta_k b_k, \quad
     c = \Delta L + S,
 
-  where ``Delta L = L(w - s) - L(w)`` is measured, and its minimiser is
-  ``t* = S / (2c)``. The factor is ``t*`` when the combined step lands past
-  that minimum (``Delta L > -S / 2``), and 1 otherwise: it only shrinks.
+  where ``Delta L = L(w - s) - L(w)`` is measured.
 
-  Two bounds keep one noisy value from stalling training. The factor is at
+  *Combined* check (``separable=None``): the minimiser of ``f`` is
+  ``t* = S / (2c)``; the factor is ``t*`` when the combined step lands past
+  it (``Delta L > -S / 2``), and 1 otherwise, so it only shrinks. It is at
   least ``1 / (2K)``: for a convex quadratic, with every rate at most twice
   its group's fitted optimum (which :func:`next_rates` ensures for the
   groups that enter ``S``), ``t* >= 1 / (2K)`` (Cauchy-Schwarz), so a
-  smaller value contradicts the model. And the check only acts when the
-  predicted decrease ``S`` is above ``JOINT_CHECK_ULPS`` units in the last
-  place of ``L(w)``; below it, ``Delta L`` is mostly rounding. When ``L(w)``
-  is finite but ``L(w - s)`` is not, the factor is ``1 / K``, the average of
-  the groups' single steps, which cannot increase a convex loss if none of
-  them does.
+  smaller value contradicts the model.
+
+  *Cross-group* check (``separable`` given): ``c`` is the measured
+  curvature term ``eta^T A eta / 2`` of the combined step, and
+  ``separable = sum_k eta_k^2 A_kk / 2`` is what it would be if the groups
+  did not interact. Only the interaction is corrected: when ``c >
+  2 * separable``, the factor is ``separable / c`` clipped to ``[1/K, 1]``
+  (``K`` groups moving along one direction give ``c = K * separable`` and
+  the factor ``1/K`` that lands them on the minimum); otherwise 1. Unlike
+  the combined check it does not pull the rates that the per-group rule
+  set (each up to twice its optimum) back to the combined one-step optimum.
+
+  Either check acts only when the predicted decrease ``S`` is above
+  ``JOINT_CHECK_ULPS`` units in the last place of ``L(w)``; below it,
+  ``Delta L`` is mostly rounding. When ``L(w)`` is finite but ``L(w - s)``
+  is not, the factor is ``1 / K``, the average of the groups' single steps,
+  which cannot increase a convex loss if none of them does.
 
   Args:
     slopes: ``b_k`` per unit rate, shape ``(K,)``; non-finite ones (a group
@@ -158,6 +263,8 @@ def joint_factor(
     rates: the new rates, shape ``(K,)``.
     origin: ``L(w)``.
     joint_loss: ``L(w - s)``.
+    separable: the separable curvature term, or ``None`` for the combined
+      check.
 
   Returns:
     A scalar in ``(0, 1]``, of the rates' dtype.
@@ -168,8 +275,13 @@ def joint_factor(
   decrease = jnp.sum(jnp.where(jnp.isfinite(slopes), rates * slopes, 0))
   curvature = joint_loss - origin + decrease
   resolvable = decrease > _estimators.loss_resolution(origin, JOINT_CHECK_ULPS)
-  overshoot = resolvable & (2 * curvature > decrease)
-  factor = decrease / jnp.where(overshoot, 2 * curvature, 1)
-  factor = jnp.where(overshoot, jnp.maximum(factor, 1 / (2 * num_groups)), 1)
+  if separable is None:
+    overshoot = resolvable & (2 * curvature > decrease)
+    factor = jnp.maximum(decrease / jnp.where(overshoot, 2 * curvature, 1), 1 / (2 * num_groups))
+  else:
+    separable = jnp.asarray(separable, dtype)
+    overshoot = resolvable & (separable > 0) & (curvature > 2 * separable)
+    factor = jnp.clip(separable / jnp.where(overshoot, curvature, 1), 1 / num_groups, 1)
+  factor = jnp.where(overshoot, factor, 1)
   blown_up = jnp.isfinite(origin) & ~jnp.isfinite(joint_loss)
   return jnp.where(blown_up, 1 / num_groups, factor).astype(dtype)

@@ -21,6 +21,15 @@ class GroupFit(NamedTuple):
     accepted: whether the fit was accepted and set this group's rate.
     below_resolution: whether this group's step changed the loss by no more
       than rounding, so that its fit was noise and its rate was held.
+    optimal_rate: the fitted one-step minimiser ``eta* = b_k / A_kk``; NaN
+      where the fitted quadratic has no minimum along the group's step
+      (``A_kk <= 0``, or its curvature within rounding, or the fit not
+      finite), and before the first refresh.
+    uphill_refreshes: how many refreshes in a row, up to the last one, found
+      this group's direction pointing *uphill*: a negative slope ``b_k < 0``
+      above the loss's resolution with ``R^2 >= min_r2``. When every group
+      reads several, the direction given to Hi-DLR is most likely an
+      ascent direction (see :func:`check_direction`).
   """
 
   slope: jax.Array
@@ -28,6 +37,8 @@ class GroupFit(NamedTuple):
   r_squared: jax.Array
   accepted: jax.Array
   below_resolution: jax.Array
+  optimal_rate: jax.Array
+  uphill_refreshes: jax.Array
 
 
 class PerGroup(Mapping):
@@ -112,6 +123,9 @@ class ScaleByHiDLRState(NamedTuple):
       scaled the rates of the groups above resolution (1: the combined step
       behaved as the per-group fits predicted, or ``K = 1``, or
       ``joint_check=False``).
+    anchor: with ``horizon="period"``, the parameters at the last refresh
+      (the start of the displacement that the next refresh fits along);
+      ``None`` otherwise.
   """
 
   count: jax.Array
@@ -120,6 +134,7 @@ class ScaleByHiDLRState(NamedTuple):
   num_refreshes: jax.Array
   num_accepted: PerGroup
   joint_factor: jax.Array
+  anchor: Any = None
 
 
 def _value(x: Any) -> Any:
@@ -188,7 +203,53 @@ def fit_diagnostics(opt_state: Any) -> dict[Label, GroupFit]:
     >>> import jax.numpy as jnp, hidlr_optax, optax
     >>> tx = hidlr_optax.gen(optax.scale_by_adam(), 1e-3)
     >>> fits = hidlr_optax.fit_diagnostics(tx.init({'w': jnp.zeros(3)}))
-    >>> sorted(fits['all']._fields)
-    ['accepted', 'below_resolution', 'curvature', 'r_squared', 'slope']
+    >>> sorted(fits['all']._fields)  # doctest: +NORMALIZE_WHITESPACE
+    ['accepted', 'below_resolution', 'curvature', 'optimal_rate', 'r_squared',
+     'slope', 'uphill_refreshes']
   """
   return dict(_single_state(opt_state).fits)
+
+
+def check_direction(opt_state: Any, refreshes: int = 3) -> None:
+  """Raises if every group's direction has pointed uphill for a while.
+
+  Hi-DLR expects the base optimizer's *direction* (e.g.
+  ``optax.scale_by_adam()``), which it negates and scales. A full optimizer
+  such as ``optax.adam(1e-3)`` has already negated it, so Hi-DLR steps
+  uphill: every fit then finds a negative slope, is rejected, and the rates
+  freeze while the loss rises. This check reads the state on the host (call
+  it outside the jitted step, e.g. when you log); it does nothing until
+  every group's :attr:`GroupFit.uphill_refreshes` reaches ``refreshes``.
+
+  Args:
+    opt_state: as for :func:`learning_rates`.
+    refreshes: how many uphill refreshes in a row, in every group, raise.
+
+  Raises:
+    ValueError: naming the likely mistake, when every group has pointed
+      uphill for ``refreshes`` refreshes in a row.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, hidlr_optax
+    >>> loss = lambda p: jnp.sum((p - 3.0) ** 2)
+    >>> tx = hidlr_optax.gen(optax.sgd(0.1), update_every=1)  # a mistake
+    >>> params, state = jnp.zeros(2), tx.init(jnp.zeros(2))
+    >>> for _ in range(3):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+    ...   params = optax.apply_updates(params, updates)
+    >>> hidlr_optax.check_direction(state)
+    Traceback (most recent call last):
+    ...
+    ValueError: Hi-DLR: for the last 3 refreshes every group's direction pointed uphill ...
+  """
+  fits = _single_state(opt_state).fits
+  streaks = np.asarray(_value(fits.stacked.uphill_refreshes))
+  if streaks.size and np.all(streaks >= refreshes):
+    raise ValueError(
+        f"Hi-DLR: for the last {int(streaks.min())} refreshes every group's"
+        " direction pointed uphill (negative fitted slope b = G.d, well"
+        f" resolved) in groups {list(fits)}. Hi-DLR negates and scales the"
+        " base optimizer's *direction*: pass e.g. optax.scale_by_adam(), not"
+        " optax.adam(lr) (which is already negated and scaled), and check"
+        " that no transformation before Hi-DLR flips the sign of the updates."
+    )

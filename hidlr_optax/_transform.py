@@ -25,11 +25,15 @@ LearningRate = Union[Scalar, Mapping[Label, Scalar]]
 
 #: Arguments of :func:`scale_by_hidlr` that ``optax.inject_hyperparams`` must
 #: treat as static (pass them as ``static_args``).
-STATIC_ARGS = ("param_labels", "update_every", "probe_batch_size", "joint_check")
+STATIC_ARGS = (
+    "param_labels", "update_every", "probe_batch_size", "joint_check", "horizon",
+)
 
 _FITS = ("diagonal", "full")
 _ESTIMATORS = ("probe", "jvp")
 _ACCEPTS = ("all", "group")
+_JOINT_CHECKS = (True, False, "combined", "cross")
+_HORIZONS = ("step", "period")
 
 
 def _concrete(x: Any) -> bool:
@@ -68,12 +72,22 @@ def _resolve_batch_size(probe_batch_size: Union[int, str, None]) -> Union[int, N
 def _validate(
     learning_rate, update_every, smoothing, min_r2, fit, estimator, accept,
     max_growth, min_learning_rate, max_learning_rate, probe_batch_size,
-    joint_check,
+    joint_check, horizon, schedule,
 ) -> None:
   """Checks hyperparameters at construction (concrete values only)."""
   _check_choice("fit", fit, _FITS)
   _check_choice("estimator", estimator, _ESTIMATORS)
   _check_choice("accept", accept, _ACCEPTS)
+  _check_choice("horizon", horizon, _HORIZONS)
+  if horizon == "period" and estimator != "probe":
+    raise ValueError("scale_by_hidlr: horizon='period' needs estimator='probe'")
+  if not (schedule is None or callable(schedule) or isinstance(schedule, (int, float, np.number, np.ndarray, jax.Array))):
+    raise ValueError(
+        "scale_by_hidlr: schedule must be None, a callable count -> multiplier"
+        f" (an optax schedule) or a number, got {schedule!r}"
+    )
+  if not callable(schedule):
+    _check(schedule, lambda v: v >= 0 and np.isfinite(v), "schedule must be finite and >= 0")
   rates = learning_rate.values() if isinstance(learning_rate, Mapping) else [learning_rate]
   for rate in rates:
     _check(rate, lambda v: v > 0 and np.isfinite(v), "learning_rate must be > 0 and finite")
@@ -106,9 +120,12 @@ def _validate(
         f" >= 1, got {probe_batch_size!r} (with optax.inject_hyperparams, list"
         f" it in static_args: hidlr_optax.STATIC_ARGS = {STATIC_ARGS})"
     )
-  if not isinstance(joint_check, (bool, np.bool_)):
+  if isinstance(joint_check, np.bool_):
+    joint_check = bool(joint_check)
+  if not any(joint_check is c or (isinstance(c, str) and joint_check == c)
+             for c in _JOINT_CHECKS):
     raise ValueError(
-        f"scale_by_hidlr: joint_check must be a Python bool, got {joint_check!r}"
+        f"scale_by_hidlr: joint_check must be one of {_JOINT_CHECKS}, got {joint_check!r}"
         f" (with optax.inject_hyperparams, list it in static_args:"
         f" hidlr_optax.STATIC_ARGS = {STATIC_ARGS})"
     )
@@ -122,7 +139,37 @@ def _rate_dtype(params: Any) -> jnp.dtype:
 def _empty_fits(num_groups: int, dtype) -> GroupFit:
   nan = jnp.full((num_groups,), jnp.nan, dtype)
   no = jnp.zeros((num_groups,), bool)
-  return GroupFit(nan, nan, nan, no, no)
+  return GroupFit(nan, nan, nan, no, no, nan, jnp.zeros((num_groups,), jnp.int32))
+
+
+def _checked_value_fn(value_fn, params) -> None:
+  """Checks at trace time that ``value_fn(params)`` is a float scalar."""
+  try:
+    out = jax.eval_shape(value_fn, params)
+  except TypeError as error:
+    raise TypeError(
+        "scale_by_hidlr: value_fn(params) failed. value_fn must take the"
+        " parameters that tx.update receives as `params` (the pytree of"
+        " arrays being optimised; with flax.nnx.Optimizer an nnx.State, so"
+        " merge it back into a model inside value_fn:"
+        " `lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch)`), not the"
+        f" model. The error was: {error}"
+    ) from error
+  if not (
+      isinstance(out, jax.ShapeDtypeStruct)
+      and out.shape == ()
+      and jnp.issubdtype(out.dtype, jnp.floating)
+  ):
+    raise TypeError(
+        "scale_by_hidlr: value_fn(params) must return the loss as a scalar of"
+        f" a float dtype, got {out!r} (average a per-example loss; return only"
+        " the loss, not (loss, aux))"
+    )
+
+
+def _step_multiplier(schedule, count: jax.Array):
+  """The schedule's factor on the applied step at ``count`` (None: none)."""
+  return schedule(count) if callable(schedule) else schedule
 
 
 def scale_by_hidlr(
@@ -140,7 +187,9 @@ def scale_by_hidlr(
     min_learning_rate: Scalar = 0.0,
     max_learning_rate: Union[Scalar, None] = None,
     probe_batch_size: Union[int, str, None] = "auto",
-    joint_check: bool = True,
+    joint_check: Union[bool, str] = True,
+    horizon: str = "step",
+    schedule: Union[Scalar, optax.Schedule, None] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales the base direction by per-group learning rates set by Hi-DLR.
 
@@ -244,8 +293,27 @@ def scale_by_hidlr(
       1.5-2x over chunks of 1 for a refresh 5-25% faster, and ``None`` on
       GPU and TPU.
     joint_check: for ``K > 1``, check the combined step after each refresh
-      and shrink all rates when it overshoots (one extra forward per
-      refresh); ``False`` for the paper's rule alone.
+      (one extra forward per refresh) and shrink all rates when it
+      overshoots: ``True`` or ``"combined"`` pulls the combined step back
+      to its own one-step optimum; ``"cross"`` corrects only the curvature
+      *between* groups that the diagonal fit cannot see (the measured
+      curvature of the combined step against the sum of the groups' own,
+      see :func:`hidlr_optax._rule.joint_factor`); ``False`` for the
+      paper's rule alone.
+    horizon: what the rates are fitted for. ``"step"`` (the paper's rule):
+      the minimiser of the loss after one step. ``"period"``: the minimiser
+      along each group's displacement over the last refresh period, ``w_k(t)
+      - w_k(t - Phi)``, the rate that those ``Phi`` steps should have had
+      (see :func:`hidlr_optax._rule.period_proposal`), with the one-step fit
+      kept as the stability limit (a rate that it predicts raises the loss
+      is still cut). Costs ``4K`` more forwards per refresh and one copy of
+      the parameters in the state. Needs ``estimator="probe"``.
+    schedule: a multiplier of the applied step, for warm-up and decay: an
+      ``optax`` schedule ``count -> factor`` (e.g.
+      ``optax.warmup_cosine_decay_schedule(0.0, 1.0, 100, 1000)``) or a
+      number; ``None`` for none. The fits, the probes and the stored rates
+      stay un-annealed, as in GeN's public code: the schedule scales what is
+      applied, ``-schedule(t) * eta_k * d_k``, not what is learned.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes
@@ -289,10 +357,12 @@ def scale_by_hidlr(
   _validate(
       learning_rate, update_every, smoothing, min_r2, fit, estimator, accept,
       max_growth, min_learning_rate, max_learning_rate, probe_batch_size,
-      joint_check,
+      joint_check, horizon, schedule,
   )
   scales = _fit.check_probe_scales(probe_scales)
   full = fit == "full"
+  along_period = horizon == "period"
+  cross_check = joint_check == "cross"
 
   def init_fn(params: optax.Params) -> ScaleByHiDLRState:
     layout = build_layout(param_labels, params)
@@ -305,6 +375,7 @@ def scale_by_hidlr(
         num_refreshes=jnp.zeros((), jnp.int32),
         num_accepted=PerGroup(layout.labels, jnp.zeros((layout.num_groups,), jnp.int32)),
         joint_factor=jnp.ones((), dtype),
+        anchor=jax.tree.map(jnp.asarray, params) if along_period else None,
     )
 
   def estimate(value_fn, params, directions, layout, rates, value, follow_up):
@@ -320,10 +391,16 @@ def scale_by_hidlr(
         follow_up=follow_up,
     )
 
-  def check_jointly(joint_loss, slopes, rates, origin, below):
+  def check_jointly(joint_loss, slopes, curvatures, rates, origin, below):
     """Scales the rates of the groups above resolution (not ``below``) by
     :func:`_rule.joint_factor`; returns the rates and the factor."""
-    factor = _rule.joint_factor(jnp.where(below, jnp.nan, slopes), rates, origin, joint_loss)
+    separable = None
+    if cross_check:
+      terms = jnp.where(below | ~jnp.isfinite(curvatures), 0, rates**2 * curvatures)
+      separable = 0.5 * jnp.sum(terms)
+    factor = _rule.joint_factor(
+        jnp.where(below, jnp.nan, slopes), rates, origin, joint_loss, separable
+    )
     scaled = _rule.bound(rates * factor, min_learning_rate, max_learning_rate)
     return jnp.where(below, rates, scaled).astype(factor.dtype), factor
 
@@ -355,42 +432,60 @@ def scale_by_hidlr(
           f"scale_by_hidlr: the state has groups {list(state.learning_rates)}"
           f" but the labels of these params give {list(layout.labels)}"
       )
+    if not (isinstance(refresh, (bool, np.bool_)) and not refresh):
+      _checked_value_fn(value_fn, params)
 
     def refreshed(state: ScaleByHiDLRState) -> ScaleByHiDLRState:
       """The state after a refresh: every per-group value is set here, so
       that a step that does not refresh leaves the state untouched."""
       rates = state.learning_rates.stacked
+      origin, period = value, None
+      if along_period:
+        period_est = _period_estimate(value_fn, params, state.anchor, layout, rates, value)
+        period = _rule.period_proposal(period_est, rates, min_r2=min_r2, max_growth=max_growth)
+        origin = period_est.origin
 
       def decide(est: _estimators.Estimate) -> tuple[jax.Array, _rule.Proposal]:
         """The rule's next rates (the joint check's point) and proposal."""
-        proposal = _rule.propose(est, rates, min_r2=min_r2, accept=accept, full=full)
+        step = _rule.propose(est, rates, min_r2=min_r2, accept=accept, full=full)
+        proposal = step if period is None else _rule.Proposal(
+            jnp.where(period.accepted, period.optimal_rates, step.optimal_rates),
+            period.accepted | step.accepted,
+            step.below_resolution,
+        )
         new_rates = _rule.next_rates(
             rates, proposal,
             smoothing=smoothing, max_growth=max_growth,
             min_learning_rate=min_learning_rate, max_learning_rate=max_learning_rate,
+            stability=None if period is None else step,
         )
         return new_rates, proposal
 
-      checks_jointly = joint_check and layout.num_groups > 1
+      checks_jointly = bool(joint_check) and layout.num_groups > 1
       est, joint = estimate(
-          value_fn, params, updates, layout, rates, value, decide if checks_jointly else None
+          value_fn, params, updates, layout, rates, origin, decide if checks_jointly else None
       )
-      slopes = est.slope / rates
+      slopes, curvatures = est.slope / rates, est.curvature / rates**2
       if checks_jointly:
         proposal = joint.aux
         new_rates, factor = check_jointly(
-            joint.loss, slopes, joint.rates, est.origin, proposal.below_resolution
+            joint.loss, slopes, curvatures, joint.rates, est.origin, proposal.below_resolution
         )
       else:
         new_rates, proposal = decide(est)
         factor = jnp.ones((), rates.dtype)
+      uphill = _rule.uphill(est, min_r2)
       fit_now = GroupFit(
           slope=slopes,
-          curvature=est.curvature / rates**2,
+          curvature=curvatures,
           r_squared=est.r_squared,
           accepted=proposal.accepted,
           below_resolution=proposal.below_resolution,
+          optimal_rate=_rule.one_step_optimum(est, rates),
+          uphill_refreshes=jnp.where(uphill, state.fits.stacked.uphill_refreshes + 1, 0),
       )
+      if along_period:
+        state = state._replace(anchor=jax.tree.map(jnp.asarray, params))
       return state._replace(
           learning_rates=PerGroup(layout.labels, new_rates.astype(rates.dtype)),
           fits=PerGroup(layout.labels, GroupFit(*(
@@ -409,11 +504,35 @@ def scale_by_hidlr(
       state = refreshed(state) if refresh else state
     else:
       state = jax.lax.cond(refresh, refreshed, lambda s: s, state)
-    scaled = layout.scale(-state.learning_rates.stacked, updates)
+    rates = state.learning_rates.stacked
+    multiplier = _step_multiplier(schedule, state.count)
+    if multiplier is not None:
+      rates = rates * jnp.asarray(multiplier, rates.dtype)
+    scaled = layout.scale(-rates, updates)
     updates = jax.tree.map(lambda u, p: u.astype(p.dtype), scaled, params)
     return updates, state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _period_estimate(value_fn, params, anchor, layout, rates, value) -> _estimators.Estimate:
+  """The model along each group's displacement since the last refresh.
+
+  Probes ``w + u D_k`` with ``D_k = w_k - anchor_k`` at ``u`` in
+  ``PERIOD_SCALES``, in chunks of one (one forward alive at a time).
+  """
+  backwards = jax.tree.map(lambda a, p: (a - p).astype(p.dtype), anchor, params)
+  est, _ = _estimators.probe_estimate(
+      value_fn, params, backwards, layout, jnp.ones_like(rates), PERIOD_SCALES,
+      full=False, origin=value, batch_size=1,
+  )
+  return est
+
+
+#: Where the period fit probes along each group's displacement ``D_k`` over
+#: the last refresh period, in units of ``D_k``: ``u = -1`` is the period's
+#: start, ``u = 1`` as far again past the current point.
+PERIOD_SCALES = np.asarray([-1.0, -0.5, 0.5, 1.0])
 
 
 def hidlr(

@@ -717,7 +717,8 @@ def test_per_group_fields_read_as_mappings_and_flatten_stacked():
   assert paths == [
       ".count", ".learning_rates.stacked", ".fits.stacked.slope",
       ".fits.stacked.curvature", ".fits.stacked.r_squared", ".fits.stacked.accepted",
-      ".fits.stacked.below_resolution", ".num_refreshes", ".num_accepted.stacked",
+      ".fits.stacked.below_resolution", ".fits.stacked.optimal_rate",
+      ".fits.stacked.uphill_refreshes", ".num_refreshes", ".num_accepted.stacked",
       ".joint_factor",
   ]
   # Maps over the state keep the labels.
