@@ -18,6 +18,7 @@ from hidlr_optax._state import (
 from hidlr_optax._transform import STATIC_ARGS, gen, hidlr, scale_by_hidlr
 from hidlr_optax._multi_steps import multi_steps
 from hidlr_optax._hyperparams import find_hyperparams, set_hyperparams
+from hidlr_optax._train_step import make_nnx_train_step, make_train_step
 from hidlr_optax import labels
 
 __version__ = "0.1.0"
@@ -37,6 +38,8 @@ __all__ = [
     "hidlr",
     "labels",
     "learning_rates",
+    "make_nnx_train_step",
+    "make_train_step",
     "multi_steps",
     "per_slice",
     "scale_by_hidlr",
