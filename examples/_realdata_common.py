@@ -107,17 +107,40 @@ def json_object(text: str) -> dict[str, Any]:
   return value
 
 
-def hidlr_options(args: argparse.Namespace) -> dict[str, Any]:
+def hidlr_options(args: argparse.Namespace, steps: Optional[int] = None) -> dict[str, Any]:
   """The keyword arguments every Hi-DLR row of a benchmark shares.
 
   Weight decay, ``update_every`` and ``joint_check`` from their flags, then
-  ``--hidlr-kwargs`` (which wins over them), for :func:`hidlr_entry`.
+  ``--hidlr-kwargs`` (which wins over them), for :func:`hidlr_entry`. In
+  ``--hidlr-kwargs``, ``"schedule"`` may name a decay of the applied step
+  over the run's ``steps`` (``"linear"`` or ``"cosine"``, to 0) and
+  ``"direction"`` the base (see :func:`direction`).
   """
   base = dict(
       weight_decay=args.weight_decay, update_every=args.update_every,
       joint_check=args.joint_check,
   )
-  return {**base, **getattr(args, "hidlr_kwargs", {})}
+  options = {**base, **getattr(args, "hidlr_kwargs", {})}
+  if isinstance(options.get("schedule"), str):
+    if steps is None:
+      raise ValueError("a named Hi-DLR schedule needs the run's number of steps")
+    options["schedule"] = schedule(options["schedule"], 1.0, steps)
+  return options
+
+
+def direction(name: str, weight_decay: float) -> optax.GradientTransformation:
+  """The base direction of the Hi-DLR rows, not negated.
+
+  ``"adamw"``: :func:`adamw_direction`; ``"prodigy"`` / ``"dadapt"``: the
+  step of Prodigy / D-Adaptation AdamW (rate 1, same weight decay), negated
+  back into a direction, so that with ``ratios_only=True`` and initial
+  rates 1 the peer sets the overall scale and Hi-DLR the ratios between
+  groups.
+  """
+  peers = {"prodigy": contrib.prodigy, "dadapt": contrib.dadapt_adamw}
+  if name == "adamw":
+    return adamw_direction(weight_decay)
+  return optax.chain(peers[name](weight_decay=weight_decay), optax.scale(-1.0))
 
 
 def adamw_direction(weight_decay: float) -> optax.GradientTransformation:
@@ -192,11 +215,12 @@ def hidlr_entry(
 ) -> Entry:
   """Hi-DLR (``labels=None``: Hi-ULR) on the AdamW direction.
 
-  ``kwargs`` go to :func:`hidlr_optax.scale_by_hidlr` (e.g. ``fit="full"``).
+  ``kwargs`` go to :func:`hidlr_optax.scale_by_hidlr` (e.g. ``fit="full"``),
+  except ``direction``, which names another base (see :func:`direction`).
   """
+  base = direction(kwargs.pop("direction", "adamw"), weight_decay)
   make = lambda _: hidlr_optax.hidlr(
-      adamw_direction(weight_decay), learning_rate, labels, update_every=update_every,
-      **kwargs,
+      base, learning_rate, labels, update_every=update_every, **kwargs,
   )
   return Entry(Method(name, make, hidlr=True), probe=probe, probe_batches=probe_batches)
 

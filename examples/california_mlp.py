@@ -74,7 +74,7 @@ def make_model(name: str) -> tuple[Callable, Callable, dict[str, Any], str]:
 
 def build_entries(args, steps: int, groups: dict[str, Any]) -> list[rc.Entry]:
   wd, lr = args.weight_decay, args.lr
-  common = rc.hidlr_options(args)
+  common = rc.hidlr_options(args, steps)
   hidlr = [
       rc.hidlr_entry(f"Hi-DLR ({name})", lr, labels, **common)
       for name, labels in groups.items()

@@ -125,7 +125,7 @@ def groupings(params: Any) -> dict[str, Any]:
 
 def build_entries(args, steps: int, params) -> list[rc.Entry]:
   wd, lr = args.weight_decay, args.lr
-  common = rc.hidlr_options(args)
+  common = rc.hidlr_options(args, steps)
   schedules = [
       rc.scheduled_adamw(f"AdamW {kind}", kind, args.peaks, steps, weight_decay=wd)
       for kind in ("constant", "linear", "cosine")

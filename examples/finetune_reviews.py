@@ -155,7 +155,7 @@ def _in_top(path: tuple, stop: int) -> bool:
 def build_entries(args: argparse.Namespace, steps: int, labels) -> list[rc.Entry]:
   """The compared methods (paper Table 1 recipe: AdamW, cosine, 3% warm-up)."""
   wd, lr, peaks = args.weight_decay, args.lr, args.peaks
-  common = rc.hidlr_options(args)
+  common = rc.hidlr_options(args, steps)
   groups = {"lora_a": 1.0, "lora_b": 16.0, "head": 1.0}
   return [
       rc.scheduled_adamw(

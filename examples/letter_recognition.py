@@ -259,7 +259,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def build_entries(args: argparse.Namespace, steps: int) -> list[rc.Entry]:
   """The compared rows (``--hidlr-kwargs`` reaches every Hi-DLR / Hi-ULR row)."""
   wd, lr = args.weight_decay, args.lr
-  common = rc.hidlr_options(args)
+  common = rc.hidlr_options(args, steps)
   hidlr = [
       rc.hidlr_entry("Hi-DLR, fresh-batch probes", lr, GROUPS, **common),
       rc.hidlr_entry("Hi-DLR, same-batch probes", lr, GROUPS, **common, probe="same"),
@@ -348,7 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   print(table)
   name = "letter_recognition" + args.suffix + ("_quick" if args.quick else "")
   figure = rc.rate_figure(entries, runs, args.out, name)
-  options = rc.hidlr_options(args)
+  options = {**rc.hidlr_options(args, steps), **args.hidlr_kwargs}  # as given
   extra = (
       f" Further Hi-DLR options from --hidlr-kwargs: `{args.hidlr_kwargs}`."
       if args.hidlr_kwargs else ""

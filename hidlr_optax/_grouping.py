@@ -134,6 +134,17 @@ class GroupLayout:
     scaled = [_scale_leaf(coeffs, spec, x) for spec, x in zip(self.leaves, leaves)]
     return self.treedef.unflatten(scaled)
 
+  def sizes(self, params: Any) -> np.ndarray:
+    """The number of parameter entries in each group, shape ``(num_groups,)``."""
+    counts = np.zeros(self.num_groups)
+    for spec, leaf in zip(self.leaves, self.treedef.flatten_up_to(params)):
+      shape = np.shape(leaf)
+      if spec.slice_groups is None:
+        counts[spec.group] += np.prod(shape)
+      else:
+        np.add.at(counts, spec.slice_groups, np.prod(shape) / shape[spec.axis])
+    return counts
+
   def move(self, params: Any, coeffs: jax.Array, directions: Any, groups: np.ndarray) -> Any:
     """Returns ``params - coeffs_k * d_k`` over the groups where ``groups`` is set.
 

@@ -6,6 +6,7 @@ from typing import NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hidlr_optax import _estimators, _fit
 
@@ -197,6 +198,24 @@ def period_proposal(
   passes = fitted & (convex | (slope > 0))
   optimal = rates * jnp.where(passes, factor, 1)
   return Proposal(optimal.astype(rates.dtype), passes, estimate.below_resolution)
+
+
+def keep_mean_scale(rates: jax.Array, initial: jax.Array, sizes: np.ndarray) -> jax.Array:
+  r"""Rescales ``rates`` so that their size-weighted geometric mean is ``initial``'s.
+
+  .. math::
+
+    \eta_k \leftarrow \eta_k \exp\Big(\sum_l w_l (\log \eta^0_l
+      - \log \eta_l)\Big), \quad w_l = n_l / \sum_m n_m,
+
+  with ``n_l`` the number of entries of group ``l``: the fits then set only
+  the ratios between the groups, and the overall scale stays with the
+  direction (e.g. Prodigy's or D-Adaptation's step, which carries its own
+  estimate of the distance to the solution).
+  """
+  weights = jnp.asarray(sizes / sizes.sum(), rates.dtype)
+  shift = jnp.sum(weights * (jnp.log(initial) - jnp.log(rates)))
+  return (rates * jnp.exp(shift)).astype(rates.dtype)
 
 
 def bound(

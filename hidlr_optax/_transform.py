@@ -27,6 +27,7 @@ LearningRate = Union[Scalar, Mapping[Label, Scalar]]
 #: treat as static (pass them as ``static_args``).
 STATIC_ARGS = (
     "param_labels", "update_every", "probe_batch_size", "joint_check", "horizon",
+    "ratios_only",
 )
 
 _FITS = ("diagonal", "full")
@@ -190,6 +191,7 @@ def scale_by_hidlr(
     joint_check: Union[bool, str] = True,
     horizon: str = "step",
     schedule: Union[Scalar, optax.Schedule, None] = None,
+    ratios_only: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales the base direction by per-group learning rates set by Hi-DLR.
 
@@ -314,6 +316,14 @@ def scale_by_hidlr(
       number; ``None`` for none. The fits, the probes and the stored rates
       stay un-annealed, as in GeN's public code: the schedule scales what is
       applied, ``-schedule(t) * eta_k * d_k``, not what is learned.
+    ratios_only: let the fits set only the ratios between the groups: after
+      every refresh the rates are rescaled so that their geometric mean,
+      weighted by the groups' sizes, stays that of the initial rates (see
+      :func:`hidlr_optax._rule.keep_mean_scale`). For a direction that
+      carries its own scale, e.g. Prodigy's step negated
+      (``optax.chain(optax.contrib.prodigy(), optax.scale(-1.0))`` with
+      initial rates 1): Prodigy then sets the overall rate and Hi-DLR the
+      differential one. No effect with one group.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes
@@ -484,6 +494,9 @@ def scale_by_hidlr(
           optimal_rate=_rule.one_step_optimum(est, rates),
           uphill_refreshes=jnp.where(uphill, state.fits.stacked.uphill_refreshes + 1, 0),
       )
+      if ratios_only and layout.num_groups > 1:
+        initial = jnp.asarray(initial_rates(learning_rate, layout), new_rates.dtype)
+        new_rates = _rule.keep_mean_scale(new_rates, initial, layout.sizes(params))
       if along_period:
         state = state._replace(anchor=jax.tree.map(jnp.asarray, params))
       return state._replace(

@@ -267,3 +267,31 @@ def test_value_fn_of_the_wrong_kind_is_named_at_trace_time():
   # A step compiled without refresh does not call value_fn at all.
   updates, _ = tx.update(params, state, params, value_fn=model_loss, refresh=False)
   assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+# --------------------------------------------------------------------------
+# ratios_only: the fits set the ratios, the direction keeps the scale.
+
+
+def test_keep_mean_scale_keeps_the_size_weighted_geometric_mean():
+  rates = jnp.array([4.0, 0.25, 1.0])
+  sizes = np.array([1.0, 1.0, 2.0])
+  out = _rule.keep_mean_scale(rates, jnp.full(3, 0.5), sizes)
+  weights = sizes / sizes.sum()
+  assert float(jnp.exp(jnp.sum(weights * jnp.log(out)))) == pytest.approx(0.5, rel=1e-6)
+  np.testing.assert_allclose(out / out[2], rates / rates[2], rtol=1e-6)
+
+
+def test_ratios_only_over_an_exact_quadratic():
+  # Curvatures 1 and 100 on groups of 3 and 1 entries: the fitted optima are
+  # 1 and 1/100, so the ratio is 100; the scale stays at the initial rate.
+  loss = lambda p: 0.5 * jnp.sum(p["a"] ** 2) + 50.0 * jnp.sum(p["b"] ** 2)
+  params = {"a": jnp.ones(3), "b": jnp.ones(1)}
+  tx = hidlr_optax.hidlr(optax.identity(), 0.02, {"a": "a", "b": "b"}, estimator="jvp",
+                         smoothing=0.0, max_growth=None, joint_check=False, ratios_only=True)
+  state = tx.init(params)
+  _, state = tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+  rates = hidlr_optax.learning_rates(state)
+  assert float(rates["a"] / rates["b"]) == pytest.approx(100.0, rel=1e-4)
+  mean = (3 * np.log(float(rates["a"])) + np.log(float(rates["b"]))) / 4
+  assert np.exp(mean) == pytest.approx(0.02, rel=1e-5)

@@ -171,3 +171,25 @@ def test_fashion_mnist_compares_the_methods_the_task_asks_for():
   ]
   assert [e.probe_batches for e in entries][:5] == [1, 1, 1, 1, rc.LARGE_PROBE_BATCHES]
   assert entries[3].probe == "same"
+
+
+def test_named_hidlr_schedule_and_peer_direction_from_hidlr_kwargs():
+  args = california_mlp.parse_args(
+      ["--hidlr-kwargs", '{"schedule": "linear", "direction": "prodigy", "ratios_only": true}']
+  )
+  options = rc.hidlr_options(args, steps=10)
+  assert float(options["schedule"](5)) == pytest.approx(0.5)
+  with pytest.raises(ValueError, match="number of steps"):
+    rc.hidlr_options(args)
+  # The peer's step negated back into a direction: Hi-DLR at rate 1 with
+  # one group and no refresh that changes it applies Prodigy's step.
+  params = {"w": jnp.ones(3)}
+  grads = {"w": jnp.asarray([1.0, -2.0, 0.5])}
+  peer = optax.contrib.prodigy(weight_decay=0.0)
+  expected, _ = peer.update(grads, peer.init(params), params)
+  base = rc.direction("prodigy", 0.0)
+  direction, _ = base.update(grads, base.init(params), params)
+  np.testing.assert_allclose(direction["w"], -expected["w"], rtol=1e-6)
+  entry = rc.hidlr_entry("x", 1.0, None, weight_decay=0.0, update_every=8,
+                         direction="prodigy", ratios_only=True)
+  assert entry.method.hidlr
