@@ -39,6 +39,7 @@ def test_readme_code_blocks_run():
   blocks = python_blocks(ROOT / "README.md")
   quickstart = re.search(r"## Quickstart\s+```python\n(.*?)```", text, re.S).group(1)
   callers = re.search(r"can also be the caller's.*?```python\n(.*?)```", text, re.S).group(1)
+  made = next(b for b in blocks if "hidlr_optax.make_train_step(" in b)
   assert blocks[0] == quickstart and callers in blocks
   namespace = {}
   refreshes = None
@@ -52,6 +53,11 @@ def test_readme_code_blocks_run():
     elif block == callers:  # the caller's refresh schedule, continuing from the quickstart
       state = hidlr_optax.find_states(namespace["opt_state"])[0]
       assert int(state.num_refreshes) == refreshes + 13  # steps 0, 8, ..., 96
+      assert float(namespace["loss"]) < 0.5
+    elif block == made:  # make_train_step with a schedule, check_direction quiet
+      state = hidlr_optax.find_states(namespace["opt_state"])[0]
+      assert int(state.count) == namespace["total_steps"]
+      assert int(state.num_refreshes) == 13  # Hi-DLR's own schedule: steps 0, 8, ..., 96
       assert float(namespace["loss"]) < 0.5
 
 
