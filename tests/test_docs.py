@@ -79,6 +79,9 @@ def test_docs_code_blocks_run():
     for i, block in enumerate(blocks):
       exec(compile(block, f"docs/{page} python block {i}", "exec"), namespace)
   assert set(hidlr_optax.learning_rates(namespace["opt_state"])) == {"body", "head"}
+  hidlr_optax.check_direction(namespace["opt_state"])  # the quickstart's base is a direction
+  with pytest.raises(ValueError, match="pointed uphill"):  # the diagnostics page's mistake
+    hidlr_optax.check_direction(namespace["state"])
 
 
 def test_readme_links_resolve():
