@@ -61,6 +61,24 @@ def test_readme_code_blocks_run():
       assert float(namespace["loss"]) < 0.5
 
 
+def test_readme_says_the_base_is_a_direction():
+  """Right after the quickstart, one bold line: a direction, not a full optimizer."""
+  text = (ROOT / "README.md").read_text()
+  after = re.search(r"## Quickstart\s+```python\n.*?```\n\n(.*?)\n", text, re.S).group(1)
+  assert after.startswith("**") and after.endswith("**")
+  for name in ("optax.scale_by_adam()", "optax.adam(1e-3)", "check_direction"):
+    assert name in after
+
+
+def test_nnx_snippet_does_what_make_nnx_train_step_does():
+  """The Flax page's hand-written NNX step merges the rest as arrays (BatchNorm
+  works in value_fn), as `make_nnx_train_step` does."""
+  snippet = python_blocks(DOCS / "flax.md")[0]
+  source = inspect.getsource(hidlr_optax.make_nnx_train_step)
+  for line in ("rest = nnx.as_pure(rest)", "nnx.merge(graphdef, params, rest)"):
+    assert line in snippet and line in source, line
+
+
 def test_readme_keeps_the_setup_commands_first():
   """The title, then the demo and test commands (`.ci/run` runs the second)."""
   lines = (ROOT / "README.md").read_text().splitlines()
