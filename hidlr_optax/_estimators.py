@@ -21,6 +21,14 @@ Both can also evaluate one more point chosen from the estimate (a
 :data:`FollowUp`; Hi-DLR's joint check of the new rates). With chunks of one
 probe, that point is the probe loop's last iteration, so the program holds a
 single copy of the forward.
+
+``value_fn`` may return the loss as a scalar or as per-example losses, a
+float vector of shape ``(B,)`` whose mean is the loss. With per-example
+losses, every estimate is that of the mean loss, and it also carries the
+standard errors of ``beta_k`` and ``M_kk`` over the batch's examples (see
+:func:`hidlr_optax._fit.per_example_standard_errors`); the loss values it
+reports (``origin``, a follow-up's ``loss``) are means. The scalar path is
+traced exactly as without this option.
 """
 
 from __future__ import annotations
@@ -52,6 +60,9 @@ class Estimate(NamedTuple):
     curvature_matrix: the whole ``M``, shape ``(K, K)``, when the joint
       moves of pairs of groups were estimated too (the full fit with
       ``K > 1``); ``None`` otherwise.
+    slope_se: with per-example losses, the standard error of ``beta`` over
+      the batch's examples, shape ``(K,)``; ``None`` for a scalar loss.
+    curvature_se: likewise for ``M_kk``; ``None`` for a scalar loss.
   """
 
   slope: jax.Array
@@ -60,6 +71,8 @@ class Estimate(NamedTuple):
   origin: jax.Array
   below_resolution: jax.Array
   curvature_matrix: Union[jax.Array, None]
+  slope_se: Union[jax.Array, None] = None
+  curvature_se: Union[jax.Array, None] = None
 
 
 #: A loss change no larger than this many units in the last place of the loss
@@ -90,6 +103,13 @@ def below_resolution(change: jax.Array, origin: jax.Array) -> jax.Array:
 def fit_dtype(loss: jax.Array) -> jnp.dtype:
   """Fits run in float32 at least, in float64 when the loss is float64."""
   return jnp.promote_types(jnp.asarray(loss).dtype, jnp.float32)
+
+
+def mean_loss(loss: jax.Array) -> jax.Array:
+  """The loss itself, or the mean of per-example losses (in the fit dtype)."""
+  if jnp.ndim(loss) == 0:
+    return loss
+  return jnp.mean(jnp.asarray(loss).astype(fit_dtype(loss)), axis=-1)
 
 
 def probe_coefficients(num_groups: int, scales: np.ndarray, full: bool) -> np.ndarray:
@@ -169,15 +189,25 @@ def follow_up_after(
     return None
   rates, aux = follow_up(estimate)
   loss = value_fn(layout.move(params, rates, directions, _every_group(layout)))
-  return FollowedUp(rates, aux, loss)
+  return FollowedUp(rates, aux, mean_loss(loss))
 
 
 def _fitted(
     losses: jax.Array, origin: jax.Array, scales: np.ndarray, k: int, full: bool
 ) -> Estimate:
-  """The estimate from the probe sets' losses ``(S, n)`` and ``L(w)``."""
+  """The estimate from the probe sets' losses ``(S, n)`` and ``L(w)``.
+
+  With per-example losses ``(S, n, B)`` and ``L_j(w)`` of shape ``(B,)``,
+  the fit is that of the mean change, with the standard errors of its
+  diagonal coefficients from the per-example changes.
+  """
   dtype = fit_dtype(losses)
   deltas = losses.astype(dtype) - jnp.asarray(origin, dtype)
+  noise = None
+  if deltas.ndim == 3:
+    noise = _fit.per_example_standard_errors(deltas[:k], scales)
+    deltas = jnp.mean(deltas, axis=-1)
+    origin = jnp.mean(jnp.asarray(origin, dtype), axis=-1)
   diag = _fit.fit_quadratics(deltas[:k], scales)
   matrix = None
   if full and k > 1:
@@ -186,7 +216,10 @@ def _fitted(
   origin = jnp.asarray(origin, dtype)
   largest = _fit.fold_last_axis(jnp.maximum, jnp.abs(deltas[:k]))
   unresolved = below_resolution(largest, origin)
-  return Estimate(diag.slope, diag.curvature, diag.r_squared, origin, unresolved, matrix)
+  estimate = Estimate(diag.slope, diag.curvature, diag.r_squared, origin, unresolved, matrix)
+  if noise is not None:
+    estimate = estimate._replace(slope_se=noise.slope, curvature_se=noise.curvature)
+  return estimate
 
 
 def _unread(shape: jax.ShapeDtypeStruct) -> jax.Array:
@@ -212,6 +245,9 @@ def _losses_one_by_one(loss_at, coeffs: jax.Array, rates: jax.Array, estimate_fr
   chooses from them, inside ``jax.lax.cond``, so that this dependent forward
   is not compiled a second time.
 
+  The losses may be per-example vectors; the loop's carry is then
+  ``(n, B)``.
+
   Returns:
     ``(estimate_from(losses), FollowedUp or None)``.
   """
@@ -220,7 +256,8 @@ def _losses_one_by_one(loss_at, coeffs: jax.Array, rates: jax.Array, estimate_fr
   loss_type = jax.eval_shape(loss_at, rates)  # a point has the rates' shape and dtype
   if follow_up is None:
     body = lambda i, losses: losses.at[i].set(loss_at(point(i)))
-    losses = jax.lax.fori_loop(0, n, body, _unread(jax.ShapeDtypeStruct((n,), loss_type.dtype)))
+    carry = jax.ShapeDtypeStruct((n, *loss_type.shape), loss_type.dtype)
+    losses = jax.lax.fori_loop(0, n, body, _unread(carry))
     return estimate_from(losses), None
 
   def choose(losses: jax.Array):
@@ -234,10 +271,10 @@ def _losses_one_by_one(loss_at, coeffs: jax.Array, rates: jax.Array, estimate_fr
     at, found = jax.lax.cond(i == n, choose, lambda _: (point(i), found), losses)
     return losses.at[i].set(loss_at(at)), found
 
-  losses = _unread(jax.ShapeDtypeStruct((n + 1,), loss_type.dtype))
+  losses = _unread(jax.ShapeDtypeStruct((n + 1, *loss_type.shape), loss_type.dtype))
   unset = jax.tree.map(_unread, jax.eval_shape(choose, losses)[1])
   losses, (rates, estimate, aux) = jax.lax.fori_loop(0, n + 1, body, (losses, unset))
-  return estimate, FollowedUp(rates, aux, losses[n])
+  return estimate, FollowedUp(rates, aux, mean_loss(losses[n]))
 
 
 def _probe_chunked(value_fn, params, directions, layout, rates, scales, full, batch_size,
@@ -260,7 +297,7 @@ def _probe_chunked(value_fn, params, directions, layout, rates, scales, full, ba
 
   def estimate_from(losses: jax.Array) -> Estimate:
     found = losses[0] if with_origin else origin
-    rows = losses[int(with_origin):].reshape(-1, scales.size)
+    rows = losses[int(with_origin):].reshape(-1, scales.size, *losses.shape[1:])
     return _fitted(rows, found, scales, layout.num_groups, full)
 
   if batch_size == 1:
@@ -293,6 +330,11 @@ def probe_estimate(
   ``L(w)`` if the caller has it; ``None`` evaluates it with the probes (in
   the same batched forward). ``follow_up``, if given, picks one more point
   from the estimate; its loss comes back as a :class:`FollowedUp`.
+
+  When ``value_fn`` returns per-example losses ``(B,)``, ``origin`` must be
+  ``None`` or the per-example losses at ``w`` (each example's change is
+  measured from its own ``L_j(w)``); the estimate then carries standard
+  errors (see :class:`Estimate`).
   """
   batched = (value_fn, params, directions, layout, rates, scales, full)
   if batch_size is not None:
@@ -319,6 +361,10 @@ def jvp_estimate(
   -beta_k`` and ``d2h/ds dt = M_kl`` at 0. Only the leaves of ``k`` and ``l``
   depend on ``(s, t)``, so the other leaves carry no tangents. The origin
   ``L(w) = h(0, 0)`` comes with the first group's derivatives.
+
+  With per-example losses ``(B,)`` the derivatives are per-example too
+  (the jvp of a vector function): the estimate is their mean, with the
+  standard errors of the diagonal's ``beta_k`` and ``M_kk`` over the batch.
   """
   k = layout.num_groups
   eye = np.eye(k, dtype=bool)
@@ -337,6 +383,11 @@ def jvp_estimate(
 
   first, second, values = (jnp.stack(x) for x in zip(*(derivatives(i, j) for i, j in pairs)))
   dtype = fit_dtype(first)
+  noise = None
+  if first.ndim == 2:  # per-example derivatives, (pairs, B)
+    first, second = first.astype(dtype), second.astype(dtype)
+    noise = _fit.NoiseEstimate(_fit.standard_error(first[:k]), _fit.standard_error(second[:k]))
+    first, second, values = (mean_loss(x) for x in (first, second, values))
   slope = -first[:k].astype(dtype)
   second = second.astype(dtype)
   matrix = None
@@ -344,4 +395,7 @@ def jvp_estimate(
     matrix = _fit.set_off_diagonal(second[:k], second[k:], pairs[k:])
   origin = values[0].astype(dtype)
   unresolved = below_resolution(jnp.abs(slope) + 0.5 * jnp.abs(second[:k]), origin)
-  return Estimate(slope, second[:k], jnp.ones((k,), dtype), origin, unresolved, matrix)
+  estimate = Estimate(slope, second[:k], jnp.ones((k,), dtype), origin, unresolved, matrix)
+  if noise is not None:
+    estimate = estimate._replace(slope_se=noise.slope, curvature_se=noise.curvature)
+  return estimate

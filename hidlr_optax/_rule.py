@@ -28,11 +28,44 @@ class Proposal(NamedTuple):
     accepted: whether each group's refresh passes the acceptance rule.
     below_resolution: whether each group's step was too small for the loss
       to register (such a group is never accepted).
+    noisy: with per-example losses, whether each group's fit was
+      noise-dominated (see :func:`noise_dominated`); ``None`` without them.
   """
 
   optimal_rates: jax.Array
   accepted: jax.Array
   below_resolution: jax.Array
+  noisy: Union[jax.Array, None] = None
+
+
+def signal_to_noise(estimate: _estimators.Estimate) -> tuple[jax.Array, jax.Array]:
+  """``(beta / se(beta), M_kk / se(M_kk))`` per group (needs standard errors).
+
+  A standard error of 0 (every example agrees) gives an infinite ratio.
+  """
+  return estimate.slope / estimate.slope_se, estimate.curvature / estimate.curvature_se
+
+
+def noise_dominated(estimate: _estimators.Estimate, min_snr: Scalar) -> jax.Array:
+  """Per group: a finite fit above resolution whose slope or curvature is
+  within ``min_snr`` standard errors of 0 (or whose ratio is undefined)."""
+  snr_slope, snr_curvature = signal_to_noise(estimate)
+  clear = (jnp.abs(snr_slope) >= min_snr) & (jnp.abs(snr_curvature) >= min_snr)
+  finite = jnp.isfinite(estimate.slope) & jnp.isfinite(estimate.curvature)
+  return ~estimate.below_resolution & finite & ~clear
+
+
+def snr_shrinkage(snr_slope: jax.Array) -> jax.Array:
+  r"""The factor ``snr^2 / (snr^2 + 1)`` on the step for a noisy slope.
+
+  With an unbiased slope estimate ``b`` of standard error ``sigma``, the
+  model's expected decrease at ``eta = c b / M`` is ``(c beta^2 - c^2
+  (beta^2 + sigma^2) / 2) / M`` (as ``E[b^2] = beta^2 + sigma^2``), largest
+  at ``c = beta^2 / (beta^2 + sigma^2)``; with ``b`` for ``beta``, ``c =
+  snr^2 / (snr^2 + 1)``, ``snr = b / sigma``. Written ``1 / (1 +
+  snr^{-2})``, so an infinite ratio gives 1.
+  """
+  return 1 / (1 + 1 / snr_slope**2)
 
 
 def propose(
@@ -42,8 +75,9 @@ def propose(
     min_r2: Scalar,
     accept: str,
     full: bool,
+    min_snr: Scalar = 2.0,
 ) -> Proposal:
-  """Applies the acceptance rule and computes ``eta*``.
+  r"""Applies the acceptance rule and computes ``eta*``.
 
   A group passes when its step registers in the loss (it is not
   ``below_resolution``), its slope and curvature are finite and positive and
@@ -52,6 +86,25 @@ def propose(
   each passing group updates alone. With the full fit,
   ``eta* = eta * M^{-1} beta`` is used when every group passes and that
   solution is valid; otherwise the diagonal ``eta*_k = eta_k beta_k / M_kk``.
+
+  When the estimate carries standard errors (per-example losses), a group
+  must also have ``beta_k / se(beta_k) >= min_snr`` and ``M_kk / se(M_kk)
+  >= min_snr``; a fit that fails only for this is *noise-dominated*
+  (``Proposal.noisy``). Where a group passes, its optimum is shrunk for the
+  slope's noise:
+
+  .. math::
+
+    \eta^*_k = \eta_k \frac{\beta_k}{M_{kk}}
+      \frac{\mathrm{snr}_k^2}{\mathrm{snr}_k^2 + 1}, \quad
+    \mathrm{snr}_k = \beta_k / \mathrm{se}(\beta_k),
+
+  the step that maximises the model's expected decrease when ``E[beta_hat^2]
+  = beta^2 + se^2`` (see :func:`snr_shrinkage`; per group also on the full
+  fit's solution). Weighing a line search's measurements by their variance
+  over the batch, estimated from the same batch, is the idea of Mahsereci
+  & Hennig, *Probabilistic line searches for stochastic optimization*, JMLR
+  2017; the factor is the classic signal-to-noise (Wiener) shrinkage.
   """
   slope, r2 = estimate.slope, estimate.r_squared
   diag = estimate.curvature
@@ -65,15 +118,22 @@ def propose(
       & (diag > 0)
       & (r2 >= min_r2)
   )
+  noisy = shrink = None
+  if estimate.slope_se is not None:
+    noisy = noise_dominated(estimate, min_snr)
+    passes = passes & ~noisy
+    shrink = jnp.where(passes, snr_shrinkage(signal_to_noise(estimate)[0]), 1)
   safe_diag = jnp.where(passes, diag, 1)
-  optimal = rates * jnp.where(passes, slope / safe_diag, 1)
+  ratio = slope / safe_diag if shrink is None else slope / safe_diag * shrink
+  optimal = rates * jnp.where(passes, ratio, 1)
   if full and estimate.curvature_matrix is not None:
     joint, joint_ok = _fit.solve_full(slope, estimate.curvature_matrix)
     use_joint = joint_ok & jnp.all(passes)
+    joint = joint if shrink is None else joint * shrink
     optimal = jnp.where(use_joint, rates * joint, optimal)
   if accept == "all":
     passes = ~below & jnp.all(passes | below)
-  return Proposal(optimal.astype(rates.dtype), passes, below)
+  return Proposal(optimal.astype(rates.dtype), passes, below, noisy)
 
 
 def next_rates(

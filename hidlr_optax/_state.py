@@ -30,6 +30,11 @@ class GroupFit(NamedTuple):
       above the loss's resolution with ``R^2 >= min_r2``. When every group
       reads several, the direction given to Hi-DLR is most likely an
       ascent direction (see :func:`check_direction`).
+    slope_snr: with per-example losses from ``value_fn``, the slope's
+      signal-to-noise ratio ``b_k / se(b_k)`` over the probe batch's
+      examples; NaN with a scalar ``value_fn``.
+    curvature_snr: likewise ``A_kk / se(A_kk)``; NaN with a scalar
+      ``value_fn``.
   """
 
   slope: jax.Array
@@ -39,6 +44,8 @@ class GroupFit(NamedTuple):
   below_resolution: jax.Array
   optimal_rate: jax.Array
   uphill_refreshes: jax.Array
+  slope_snr: jax.Array
+  curvature_snr: jax.Array
 
 
 class PerGroup(Mapping):
@@ -119,6 +126,10 @@ class ScaleByHiDLRState(NamedTuple):
       ``stacked`` is one :class:`GroupFit` of ``(K,)`` arrays).
     num_refreshes: number of refreshes tried (int32).
     num_accepted: ``{label: n}``, refreshes whose fit set each group's rate.
+    num_noisy: ``{label: n}``, refreshes whose fit was noise-dominated (a
+      slope or curvature within ``min_snr`` standard errors of 0, see
+      :func:`hidlr_optax._rule.noise_dominated`); stays 0 with a scalar
+      ``value_fn``, which gives no standard errors.
     joint_factor: the factor by which the joint check of the last refresh
       scaled the rates of the groups above resolution (1: the combined step
       behaved as the per-group fits predicted, or ``K = 1``, or
@@ -133,6 +144,7 @@ class ScaleByHiDLRState(NamedTuple):
   fits: PerGroup
   num_refreshes: jax.Array
   num_accepted: PerGroup
+  num_noisy: PerGroup
   joint_factor: jax.Array
   anchor: Any = None
 
@@ -197,15 +209,17 @@ def fit_diagnostics(opt_state: Any) -> dict[Label, GroupFit]:
   Returns:
     For every group, ``b``, ``A``, ``R^2``, whether the refresh was
     accepted and whether the group's step was below the loss's resolution,
-    plus (in ``num_accepted`` of the state) counts over training.
+    the signal-to-noise ratios of ``b`` and ``A`` (with per-example
+    losses), plus (in ``num_accepted`` and ``num_noisy`` of the state)
+    counts over training.
 
   Example:
     >>> import jax.numpy as jnp, hidlr_optax, optax
     >>> tx = hidlr_optax.gen(optax.scale_by_adam(), 1e-3)
     >>> fits = hidlr_optax.fit_diagnostics(tx.init({'w': jnp.zeros(3)}))
     >>> sorted(fits['all']._fields)  # doctest: +NORMALIZE_WHITESPACE
-    ['accepted', 'below_resolution', 'curvature', 'optimal_rate', 'r_squared',
-     'slope', 'uphill_refreshes']
+    ['accepted', 'below_resolution', 'curvature', 'curvature_snr', 'optimal_rate',
+     'r_squared', 'slope', 'slope_snr', 'uphill_refreshes']
   """
   return dict(_single_state(opt_state).fits)
 

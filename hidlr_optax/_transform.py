@@ -73,7 +73,7 @@ def _resolve_batch_size(probe_batch_size: Union[int, str, None]) -> Union[int, N
 def _validate(
     learning_rate, update_every, smoothing, min_r2, fit, estimator, accept,
     max_growth, min_learning_rate, max_learning_rate, probe_batch_size,
-    joint_check, horizon, schedule,
+    joint_check, horizon, schedule, min_snr=2.0,
 ) -> None:
   """Checks hyperparameters at construction (concrete values only)."""
   _check_choice("fit", fit, _FITS)
@@ -99,6 +99,7 @@ def _validate(
     raise ValueError(f"scale_by_hidlr: update_every must be an integer >= 1, got {update_every!r}")
   _check(smoothing, lambda v: 0 <= v < 1, "smoothing must be in [0, 1)")
   _check(min_r2, lambda v: v <= 1, "min_r2 must be <= 1")
+  _check(min_snr, lambda v: v >= 0, "min_snr must be >= 0")
   _check(max_growth, lambda v: v >= 1, "max_growth must be >= 1 (or None)")
   _check(min_learning_rate, lambda v: v >= 0, "min_learning_rate must be >= 0")
   _check(max_learning_rate, lambda v: v > 0, "max_learning_rate must be > 0 (or None)")
@@ -140,11 +141,13 @@ def _rate_dtype(params: Any) -> jnp.dtype:
 def _empty_fits(num_groups: int, dtype) -> GroupFit:
   nan = jnp.full((num_groups,), jnp.nan, dtype)
   no = jnp.zeros((num_groups,), bool)
-  return GroupFit(nan, nan, nan, no, no, nan, jnp.zeros((num_groups,), jnp.int32))
+  return GroupFit(nan, nan, nan, no, no, nan, jnp.zeros((num_groups,), jnp.int32), nan, nan)
 
 
-def _checked_value_fn(value_fn, params) -> None:
-  """Checks at trace time that ``value_fn(params)`` is a float scalar."""
+def _checked_value_fn(value_fn, params, value=None) -> bool:
+  """Checks at trace time that ``value_fn(params)`` is a float scalar or a
+  float vector of ``B >= 2`` per-example losses, and that ``value``, if
+  given, is a scalar or of that shape; returns whether it is per-example."""
   try:
     out = jax.eval_shape(value_fn, params)
   except TypeError as error:
@@ -158,14 +161,20 @@ def _checked_value_fn(value_fn, params) -> None:
     ) from error
   if not (
       isinstance(out, jax.ShapeDtypeStruct)
-      and out.shape == ()
+      and (out.shape == () or (len(out.shape) == 1 and out.shape[0] >= 2))
       and jnp.issubdtype(out.dtype, jnp.floating)
   ):
     raise TypeError(
         "scale_by_hidlr: value_fn(params) must return the loss as a scalar of"
-        f" a float dtype, got {out!r} (average a per-example loss; return only"
-        " the loss, not (loss, aux))"
+        " a float dtype, or per-example losses as a float vector of shape (B,)"
+        f" with B >= 2, got {out!r} (return only the loss, not (loss, aux))"
     )
+  if value is not None and jnp.shape(value) not in ((), out.shape):
+    raise TypeError(
+        "scale_by_hidlr: `value` must be value_fn(params), a scalar or (with"
+        f" per-example losses) of shape {out.shape}, got shape {jnp.shape(value)}"
+    )
+  return out.shape != ()
 
 
 def _step_multiplier(schedule, count: jax.Array):
@@ -180,6 +189,7 @@ def scale_by_hidlr(
     update_every: int = 8,
     smoothing: Scalar = 0.9,
     min_r2: Scalar = 0.95,
+    min_snr: Scalar = 2.0,
     probe_scales: Sequence[float] = (-2.0, -1.0, 1.0, 2.0),
     fit: str = "diagonal",
     estimator: str = "probe",
@@ -246,14 +256,31 @@ def scale_by_hidlr(
   down to 0.
 
   ``update`` needs the extra keyword argument ``value_fn``, a function
-  ``params -> scalar loss`` built inside the training step (as for optax's
-  line searches). It is called only on refresh steps, inside
+  ``params -> scalar loss``, or per-example losses ``(B,)`` whose mean is
+  the loss, built inside the training step (as for optax's line
+  searches). It is called only on refresh steps, inside
   ``jax.lax.cond`` (or, with ``refresh=`` from the caller, only in the
   program compiled for refresh steps). For mini-batch training, make
   ``value_fn`` evaluate a *different* batch from the one the gradient came
   from: same-batch probes overestimate ``b`` and the rates overshoot.
   ``L(w)`` is evaluated in the same batched forward as the first group's
   probes (or taken from ``value=``).
+
+  *Noise-aware fits.* When ``value_fn`` returns per-example losses
+  ``L_j``, ``j = 1..B`` (e.g. ``jax.vmap`` of the loss over the probe
+  batch's examples), the fit is linear in the losses, so each example's
+  own coefficients ``(beta_kj, M_kkj)`` average to the fit of the mean
+  loss, and their spread gives standard errors ``se = std_j / sqrt(B)``
+  (with ``estimator="jvp"``, the per-example derivatives do). A group is
+  then accepted only if also ``beta_k / se(beta_k) >= min_snr`` and
+  ``M_kk / se(M_kk) >= min_snr``; a fit that fails this is
+  *noise-dominated* (counted in the state's ``num_noisy``; the rate is
+  held), and an accepted optimum is shrunk by ``snr^2 / (snr^2 + 1)``,
+  ``snr = beta_k / se(beta_k)``, the step that maximises the model's
+  expected decrease given the slope's noise (see
+  :func:`hidlr_optax._rule.propose`). ``R^2``, the joint check, the
+  resolution test and ``L(w)`` use the mean loss. With a scalar
+  ``value_fn`` nothing changes (the paper's rule).
 
   Args:
     learning_rate: initial rate of every group, or a mapping
@@ -266,6 +293,11 @@ def scale_by_hidlr(
     update_every: refresh period ``Phi`` in steps.
     smoothing: ``gamma``, the weight of the old rate in the moving average.
     min_r2: smallest ``R^2`` of a group's fit for it to be accepted.
+    min_snr: with per-example losses from ``value_fn``, the smallest
+      signal-to-noise ratio of a group's fitted slope and curvature (each
+      over its standard error across the batch) for the fit to be accepted;
+      ignored with a scalar ``value_fn``. ``0`` keeps only the shrinkage
+      of the step.
     probe_scales: the ``v_i``; probes sit at ``w - v_i eta_k d_k``.
     fit: ``"diagonal"`` (``eta*_k = b_k / A_kk``) or ``"full"`` (also probes
       pairs of groups moved together to estimate ``A_kl``, and uses
@@ -329,8 +361,11 @@ def scale_by_hidlr(
     An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes
     ``(updates, state, params, *, value_fn, value=None, refresh=None,
     **extra_args)``, where ``value`` is ``value_fn(params)`` if the caller
-    already has it, and ``refresh`` chooses the refresh steps: ``None``
-    refreshes when the state's count is a multiple of ``update_every``
+    already has it (with per-example losses, the vector saves the forward
+    at ``w``; a scalar mean is accepted but not used, since each example's
+    change is measured from its own ``L_j(w)``, so ``L(w)`` is then
+    evaluated with the probes), and ``refresh`` chooses the refresh steps:
+    ``None`` refreshes when the state's count is a multiple of ``update_every``
     (inside ``jax.lax.cond``); a Python bool decides at trace time, so that
     a step compiled with ``refresh=False`` holds no conditional and no probe
     code and costs what the base step costs (jit the train step with
@@ -367,7 +402,7 @@ def scale_by_hidlr(
   _validate(
       learning_rate, update_every, smoothing, min_r2, fit, estimator, accept,
       max_growth, min_learning_rate, max_learning_rate, probe_batch_size,
-      joint_check, horizon, schedule,
+      joint_check, horizon, schedule, min_snr,
   )
   scales = _fit.check_probe_scales(probe_scales)
   full = fit == "full"
@@ -384,6 +419,7 @@ def scale_by_hidlr(
         fits=PerGroup(layout.labels, _empty_fits(layout.num_groups, dtype)),
         num_refreshes=jnp.zeros((), jnp.int32),
         num_accepted=PerGroup(layout.labels, jnp.zeros((layout.num_groups,), jnp.int32)),
+        num_noisy=PerGroup(layout.labels, jnp.zeros((layout.num_groups,), jnp.int32)),
         joint_factor=jnp.ones((), dtype),
         anchor=jax.tree.map(jnp.asarray, params) if along_period else None,
     )
@@ -443,7 +479,9 @@ def scale_by_hidlr(
           f" but the labels of these params give {list(layout.labels)}"
       )
     if not (isinstance(refresh, (bool, np.bool_)) and not refresh):
-      _checked_value_fn(value_fn, params)
+      per_example = _checked_value_fn(value_fn, params, value)
+      if per_example and value is not None and jnp.ndim(value) == 0:
+        value = None  # the changes are measured from each example's own L_j(w)
 
     def refreshed(state: ScaleByHiDLRState) -> ScaleByHiDLRState:
       """The state after a refresh: every per-group value is set here, so
@@ -453,16 +491,20 @@ def scale_by_hidlr(
       if along_period:
         period_est = _period_estimate(value_fn, params, state.anchor, layout, rates, value)
         period = _rule.period_proposal(period_est, rates, min_r2=min_r2, max_growth=max_growth)
-        origin = period_est.origin
+        if period_est.slope_se is None:  # per-example changes need each L_j(w)
+          origin = period_est.origin
 
       def decide(est: _estimators.Estimate) -> tuple[jax.Array, _rule.Proposal]:
         """The rule's next rates (the joint check's point) and proposal."""
-        step = _rule.propose(est, rates, min_r2=min_r2, accept=accept, full=full)
+        step = _rule.propose(
+            est, rates, min_r2=min_r2, accept=accept, full=full, min_snr=min_snr
+        )
         proposal = step if period is None else _rule.Proposal(
             jnp.where(period.accepted, period.optimal_rates, step.optimal_rates),
             period.accepted | step.accepted,
             step.below_resolution,
         )
+        proposal = proposal._replace(noisy=step.noisy)
         new_rates = _rule.next_rates(
             rates, proposal,
             smoothing=smoothing, max_growth=max_growth,
@@ -485,6 +527,12 @@ def scale_by_hidlr(
         new_rates, proposal = decide(est)
         factor = jnp.ones((), rates.dtype)
       uphill = _rule.uphill(est, min_r2)
+      old = state.fits.stacked
+      snr = (old.slope_snr, old.curvature_snr)  # NaN: no per-example losses
+      num_noisy = state.num_noisy.stacked
+      if est.slope_se is not None:
+        snr = _rule.signal_to_noise(est)
+        num_noisy = num_noisy + proposal.noisy.astype(jnp.int32)
       fit_now = GroupFit(
           slope=slopes,
           curvature=curvatures,
@@ -493,6 +541,8 @@ def scale_by_hidlr(
           below_resolution=proposal.below_resolution,
           optimal_rate=_rule.one_step_optimum(est, rates),
           uphill_refreshes=jnp.where(uphill, state.fits.stacked.uphill_refreshes + 1, 0),
+          slope_snr=snr[0],
+          curvature_snr=snr[1],
       )
       if ratios_only and layout.num_groups > 1:
         initial = jnp.asarray(initial_rates(learning_rate, layout), new_rates.dtype)
@@ -508,6 +558,7 @@ def scale_by_hidlr(
           num_accepted=PerGroup(
               layout.labels, state.num_accepted.stacked + proposal.accepted.astype(jnp.int32)
           ),
+          num_noisy=PerGroup(layout.labels, num_noisy),
           joint_factor=factor.astype(state.joint_factor.dtype),
       )
 

@@ -262,8 +262,8 @@ def test_value_fn_of_the_wrong_kind_is_named_at_trace_time():
     tx.update(params, state, params, value_fn=model_loss)
   with pytest.raises(TypeError, match="scalar of a float dtype"):
     tx.update(params, state, params, value_fn=lambda p: (jnp.sum(p["w"]), {}))
-  with pytest.raises(TypeError, match="scalar of a float dtype"):
-    tx.update(params, state, params, value_fn=lambda p: p["w"] ** 2)
+  with pytest.raises(TypeError, match="scalar of a float dtype"):  # (B,) would be per-example
+    tx.update(params, state, params, value_fn=lambda p: jnp.outer(p["w"], p["w"]))
   # A step compiled without refresh does not call value_fn at all.
   updates, _ = tx.update(params, state, params, value_fn=model_loss, refresh=False)
   assert jax.tree.structure(updates) == jax.tree.structure(params)

@@ -718,8 +718,9 @@ def test_per_group_fields_read_as_mappings_and_flatten_stacked():
       ".count", ".learning_rates.stacked", ".fits.stacked.slope",
       ".fits.stacked.curvature", ".fits.stacked.r_squared", ".fits.stacked.accepted",
       ".fits.stacked.below_resolution", ".fits.stacked.optimal_rate",
-      ".fits.stacked.uphill_refreshes", ".num_refreshes", ".num_accepted.stacked",
-      ".joint_factor",
+      ".fits.stacked.uphill_refreshes", ".fits.stacked.slope_snr",
+      ".fits.stacked.curvature_snr", ".num_refreshes", ".num_accepted.stacked",
+      ".num_noisy.stacked", ".joint_factor",
   ]
   # Maps over the state keep the labels.
   doubled = jax.tree.map(lambda x: 2 * x, s)
