@@ -208,6 +208,9 @@ class Method:
       ``None`` evaluates the iterate itself.
     hidlr: whether the method needs ``value_fn`` (Hi-DLR / Hi-ULR).
     describe: formats the hyperparameters of one grid point for the table.
+    per_example: for Hi-DLR, give ``value_fn`` per-example losses (a vector
+      over the probe batch: noise-aware fits, see
+      :func:`hidlr_optax.scale_by_hidlr`) instead of their mean.
   """
 
   name: str
@@ -216,6 +219,20 @@ class Method:
   eval_params: Optional[Callable[[Any, Params], Params]] = None
   hidlr: bool = False
   describe: Callable[[Any], str] = lambda hp: ""
+  per_example: bool = False
+
+
+def per_example_losses(loss_fn: LossFn) -> LossFn:
+  """``(params, x, y) -> (B,)``: ``loss_fn`` on each example alone.
+
+  ``loss_fn`` is a mean over the batch's rows, so its value on one row is
+  that row's loss (exact for losses that are means of per-row terms, as
+  the benchmarks' are); the vector's mean is ``loss_fn(params, x, y)``.
+  """
+  def losses(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+    return jax.vmap(lambda x1, y1: loss_fn(params, x1[None], y1[None]))(x, y)
+
+  return losses
 
 
 def _sf_eval(state, params):
@@ -462,6 +479,11 @@ def minibatch_epoch(
       rows) and the probes on the rest, so the probes cost no rows beyond
       the batch but the gradient sees half of them.
 
+  With ``method.per_example``, Hi-DLR's ``value_fn`` returns the probe
+  batch's per-example losses (:func:`per_example_losses`); with
+  ``probe="same"`` the losses at ``w`` are then evaluated with the probes
+  (each example's change is measured from its own loss).
+
   Returns:
     New parameters, state and per-step records ``loss`` (the batch loss; of
     the gradient's half with ``probe="split"``) and ``lr`` (Hi-DLR rates,
@@ -476,6 +498,7 @@ def minibatch_epoch(
       [_batches(a, perm, batch_size) for perm in perms[1:]], axis=1
   )
   px, py = probe_batches(x), probe_batches(y)
+  probe_loss = per_example_losses(loss_fn) if method.per_example else loss_fn
 
   def step(carry, batch):
     p, s = carry
@@ -485,9 +508,11 @@ def minibatch_epoch(
       xb, yb, xp, yp = xb[:half], yb[:half], xb[half:], yb[half:]
     value, grads = jax.value_and_grad(loss_fn)(p, xb, yb)
     if probe == "same":
-      extra = dict(value_fn=lambda q: loss_fn(q, xb, yb), value=value)
+      extra = dict(value_fn=lambda q: probe_loss(q, xb, yb))
+      if not method.per_example:
+        extra["value"] = value
     else:
-      extra = dict(value_fn=lambda q: loss_fn(q, xp, yp))
+      extra = dict(value_fn=lambda q: probe_loss(q, xp, yp))
     updates, s = tx.update(grads, s, p, **extra)
     p = optax.apply_updates(p, updates)
     return (p, s), {"loss": value, "lr": _rates_of(s)}
@@ -543,7 +568,8 @@ def train_minibatch(
     epoch 0 being the initial parameters (with ``evaluate_initial``); NumPy
     arrays with a leading grid axis when the method has a grid. For Hi-DLR
     also ``num_accepted`` (``{label: count}``) and ``num_refreshes`` from the
-    final state.
+    final state, and with ``method.per_example`` ``num_noisy`` (``{label:
+    count}`` of noise-dominated refreshes).
   """
 
   def epoch(hp, p, s, data, perms):
@@ -588,6 +614,8 @@ def train_minibatch(
   if states:
     out["num_accepted"] = jax.device_get(states[0].num_accepted)
     out["num_refreshes"] = jax.device_get(states[0].num_refreshes)
+    if method.per_example:
+      out["num_noisy"] = jax.device_get(states[0].num_noisy)
   return out
 
 

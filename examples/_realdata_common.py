@@ -216,13 +216,17 @@ def hidlr_entry(
   """Hi-DLR (``labels=None``: Hi-ULR) on the AdamW direction.
 
   ``kwargs`` go to :func:`hidlr_optax.scale_by_hidlr` (e.g. ``fit="full"``),
-  except ``direction``, which names another base (see :func:`direction`).
+  except ``direction``, which names another base (see :func:`direction`),
+  and ``per_example``: ``True`` gives ``value_fn`` the probe batch's
+  per-example losses (noise-aware fits; see :class:`_common.Method`).
   """
   base = direction(kwargs.pop("direction", "adamw"), weight_decay)
+  per_example = bool(kwargs.pop("per_example", False))
   make = lambda _: hidlr_optax.hidlr(
       base, learning_rate, labels, update_every=update_every, **kwargs,
   )
-  return Entry(Method(name, make, hidlr=True), probe=probe, probe_batches=probe_batches)
+  method = Method(name, make, hidlr=True, per_example=per_example)
+  return Entry(method, probe=probe, probe_batches=probe_batches)
 
 
 #: The "4x probe batch" rows: each fresh probe batch joins this many
@@ -357,22 +361,39 @@ def classification_table(runs: Mapping[str, SeedRuns]) -> str:
 
 
 def fit_table(runs: Mapping[str, SeedRuns]) -> str:
-  """Hi-DLR diagnostics of the first seed: final rate and accepted refreshes."""
+  """Hi-DLR diagnostics of the first seed: final rate and accepted refreshes.
+
+  With per-example losses (``{"per_example": true}`` in ``--hidlr-kwargs``),
+  also the refreshes whose fit was noise-dominated (``-`` for the rows
+  without them).
+  """
+  noisy = any("num_noisy" in r.history for r in runs.values())
   rows = []
   for name, r in runs.items():
     if "num_accepted" not in r.history:
       continue
+    total = r.history["num_refreshes"]
     for label, count in r.history["num_accepted"].items():
       rate = float(np.asarray(r.history["lr"][label])[-1])
-      rows.append([name, label, f"{rate:.3g}", f"{int(count)} / {r.history['num_refreshes']}"])
-  return markdown_table(["method", "group", "final rate", "accepted refreshes"], rows)
+      row = [name, label, f"{rate:.3g}", f"{int(count)} / {total}"]
+      if noisy:
+        counts = r.history.get("num_noisy")
+        row.append("-" if counts is None else f"{int(counts[label])} / {total}")
+      rows.append(row)
+  header = ["method", "group", "final rate", "accepted refreshes"]
+  return markdown_table(header + (["noise-dominated"] if noisy else []), rows)
 
 
 def fit_section(runs: Mapping[str, SeedRuns]) -> str:
   """The results files' paragraph on Hi-DLR's fits, with :func:`fit_table`."""
+  noisy = any("num_noisy" in r.history for r in runs.values())
+  snr = (
+      "; with per-example losses also b / se(b) >= min_snr and A / se(A) >= min_snr, a fit\n"
+      "above resolution failing that being noise-dominated"
+  ) if noisy else ""
   return (
       "Hi-DLR fit diagnostics, seed 0: the rate at the end and how many refreshes passed the\n"
-      "acceptance rule (b > 0, A > 0, R^2 >= 0.95) for each group.\n\n" + fit_table(runs)
+      f"acceptance rule (b > 0, A > 0, R^2 >= 0.95{snr}) for each group.\n\n" + fit_table(runs)
   )
 
 

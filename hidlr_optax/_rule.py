@@ -89,9 +89,9 @@ def propose(
 
   When the estimate carries standard errors (per-example losses), a group
   must also have ``beta_k / se(beta_k) >= min_snr`` and ``M_kk / se(M_kk)
-  >= min_snr``; a fit that fails only for this is *noise-dominated*
-  (``Proposal.noisy``). Where a group passes, its optimum is shrunk for the
-  slope's noise:
+  >= min_snr``; a finite fit above resolution that fails this is
+  *noise-dominated* (``Proposal.noisy``, see :func:`noise_dominated`).
+  Where a group passes, its optimum is shrunk for the slope's noise:
 
   .. math::
 
