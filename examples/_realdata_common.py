@@ -398,7 +398,7 @@ def fit_section(runs: Mapping[str, SeedRuns]) -> str:
 
 
 def rate_figure(entries: Sequence[Entry], runs: Mapping[str, SeedRuns], out_dir, name: str):
-  """One panel per method with rates: Hi-DLR's measured, schedules' set."""
+  """One panel per method with rates: Hi-DLR's measured, schedules' set (None: no such method)."""
   import matplotlib.pyplot as plt
 
   panels = []
@@ -409,6 +409,8 @@ def rate_figure(entries: Sequence[Entry], runs: Mapping[str, SeedRuns], out_dir,
       panels.append((entry.name, {str(k): v for k, v in run.history["lr"].items()}))
     elif entry.rates is not None:
       panels.append((f"{entry.name} ({run.setting})", entry.rates(np.arange(steps), run.peak)))
+  if not panels:
+    return None
   cols = min(3, len(panels))
   rows = -(-len(panels) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
