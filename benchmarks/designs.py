@@ -38,7 +38,6 @@ DESIGNS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "no joint check": ({"joint_check": False}, []),
     "cross-group check": ({"joint_check": "cross"}, []),
     "period fit": ({"horizon": "period"}, []),
-    "period guard": ({"horizon": "guarded"}, []),
     "linear decay": ({"schedule": "linear"}, []),
     "noise-aware fits": ({"per_example": True}, []),
     "Prodigy scale, Hi-DLR ratios": (
