@@ -388,12 +388,13 @@ def fit_section(runs: Mapping[str, SeedRuns]) -> str:
   """The results files' paragraph on Hi-DLR's fits, with :func:`fit_table`."""
   noisy = any("num_noisy" in r.history for r in runs.values())
   snr = (
-      "; with per-example losses also b / se(b) >= min_snr and A / se(A) >= min_snr, a fit\n"
-      "above resolution failing that being noise-dominated"
+      " With per-example losses the rule also asks\n"
+      "b / se(b) >= min_snr and A / se(A) >= min_snr (standard errors over the probe batch's\n"
+      "examples); \"noise-dominated\": refreshes above resolution that failed this."
   ) if noisy else ""
   return (
       "Hi-DLR fit diagnostics, seed 0: the rate at the end and how many refreshes passed the\n"
-      f"acceptance rule (b > 0, A > 0, R^2 >= 0.95{snr}) for each group.\n\n" + fit_table(runs)
+      f"acceptance rule (b > 0, A > 0, R^2 >= 0.95) for each group.{snr}\n\n" + fit_table(runs)
   )
 
 
