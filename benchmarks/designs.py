@@ -4,10 +4,13 @@ Each design is a set of :func:`hidlr_optax.scale_by_hidlr` options (the
 paper's one-step rule is the first); each task runs one of the real-data
 example scripts with ``--hidlr-kwargs`` set to the design, on the same seeds,
 and the peers (Prodigy, D-Adaptation) once per task. Writes
-``benchmarks/results/designs.md``. Run from the repository root::
+``benchmarks/results/designs.md`` (or ``--name``). Run from the repository root::
 
   python -m benchmarks.designs                 # 5 seeds, every design and task
-  python -m benchmarks.designs --seeds 1 --tasks letters --designs "paper rule"
+  python -m benchmarks.designs --seeds 1 --tasks letters --designs "paper rule (default)"
+  python -m benchmarks.designs --seeds 3 --tasks "reviews (LoRA on MiniLM)" \
+      "Fashion-MNIST, CPU sizing" --designs "paper rule (default)" "linear decay" \
+      --name designs_large
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import _realdata_common as rc  # noqa: E402
 import california_mlp  # noqa: E402
+import fashion_mnist  # noqa: E402
+import finetune_reviews  # noqa: E402
 import letter_recognition  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -78,7 +83,21 @@ TASKS: dict[str, Task] = {
         ("Hi-DLR (feature)", "Hi-DLR (feature), own-batch probes"),
         (("test_mse", "final test MSE", False), ("train_mse", "final train MSE", False)),
     ),
+    # The two below cost minutes a run on two CPU cores (3 seeds in their files).
+    "reviews (LoRA on MiniLM)": Task(
+        finetune_reviews.main, (),
+        ("Hi-DLR A/B/head", "Hi-DLR A/B/head, own-batch probes"),
+        (("test_accuracy", "test accuracy", True), ("train_loss", "train loss", False)),
+    ),
+    "Fashion-MNIST, CPU sizing": Task(
+        fashion_mnist.main, ("--cpu",),
+        ("Hi-DLR (head)", "Hi-DLR (head), own-batch probes"),
+        (("test_accuracy", "test accuracy", True), ("train_loss", "train loss", False)),
+    ),
 }
+
+#: The tasks run by default (the others by ``--tasks``).
+DEFAULT_TASKS = ("letters", "California MLP", "California additive model")
 
 PEERS = ("Prodigy", "D-Adaptation")
 
@@ -86,9 +105,10 @@ PEERS = ("Prodigy", "D-Adaptation")
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--seeds", type=int, default=5)
-  p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+  p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(TASKS))
   p.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))
   p.add_argument("--out", type=Path, default=RESULTS)
+  p.add_argument("--name", default="designs", help="the results file's name, without .md")
   return p.parse_args(argv)
 
 
@@ -180,7 +200,7 @@ metric is not finite or that the script counts as diverged. {minutes:.1f} minute
 {summary(wins, args.designs)}
 {chr(10).join(sections)}"""
   args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "designs.md").write_text(text)
+  (args.out / f"{args.name}.md").write_text(text)
   return text
 
 
