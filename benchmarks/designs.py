@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -162,10 +163,41 @@ def summary(wins: Mapping[str, Mapping[str, list[bool]]], designs: Sequence[str]
   return "\n".join(lines) + "\n"
 
 
+def render(args: argparse.Namespace, argv: Sequence[str], sections: Sequence[str],
+           wins: Mapping[str, Mapping[str, list[bool]]], minutes: float) -> str:
+  """The results file: command, setting, designs, summary, one section per task."""
+  designs = "\n".join(
+      f"- **{d}**: `{json.dumps(DESIGNS[d][0])}`" + (f" with `{' '.join(DESIGNS[d][1])}`"
+                                                     if DESIGNS[d][1] else "")
+      for d in args.designs
+  )
+  command = shlex.join(["python", "-m", "benchmarks.designs", *argv])
+  done = "" if len(sections) == len(args.tasks) else (
+      f" (partial: {len(sections)} of {len(args.tasks)} tasks so far)")
+  return f"""Command: `{command}`
+
+# Rule designs on the real tasks
+
+Each design is a set of `scale_by_hidlr` options given to every Hi-DLR row of the
+task's example script (`--hidlr-kwargs`), on the AdamW direction at the script's
+untuned initial rate, {args.seeds} seed(s) each (the same seeds, batches and
+initialisations for every design and peer); mean ± std over seeds. "vs best peer":
+whether the row's mean of the first metric is at or better than the better of
+Prodigy and D-Adaptation (run in the same invocation). Diverged: seeds whose first
+metric is not finite or that the script counts as diverged. {minutes:.1f} minutes in all{done}.
+
+{designs}
+
+{summary(wins, args.designs)}
+{chr(10).join(sections)}"""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   start = time.perf_counter()
   sections, wins = [], {}
+  args.out.mkdir(parents=True, exist_ok=True)
   for name in args.tasks:
     task = TASKS[name]
     peers = run_task(task, PEERS, args.seeds, {}, [])
@@ -176,31 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     text, wins[name] = task_section(name, task, results, peers)
     sections.append(text)
     print(text, flush=True)
-  minutes = (time.perf_counter() - start) / 60
-  designs = "\n".join(
-      f"- **{d}**: `{json.dumps(DESIGNS[d][0])}`" + (f" with `{' '.join(DESIGNS[d][1])}`"
-                                                     if DESIGNS[d][1] else "")
-      for d in args.designs
-  )
-  command = "python -m benchmarks.designs" + ("" if argv is None else " " + " ".join(argv))
-  text = f"""Command: `{command}`
-
-# Rule designs on the real tasks
-
-Each design is a set of `scale_by_hidlr` options given to every Hi-DLR row of the
-task's example script (`--hidlr-kwargs`), on the AdamW direction at the script's
-untuned initial rate, {args.seeds} seed(s) each (the same seeds, batches and
-initialisations for every design and peer); mean ± std over seeds. "vs best peer":
-whether the row's mean of the first metric is at or better than the better of
-Prodigy and D-Adaptation (run in the same invocation). Diverged: seeds whose first
-metric is not finite or that the script counts as diverged. {minutes:.1f} minutes in all.
-
-{designs}
-
-{summary(wins, args.designs)}
-{chr(10).join(sections)}"""
-  args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / f"{args.name}.md").write_text(text)
+    # Written after every task, so that a long run's finished tasks are kept.
+    text = render(args, argv, sections, wins, (time.perf_counter() - start) / 60)
+    (args.out / f"{args.name}.md").write_text(text)
   return text
 
 

@@ -49,3 +49,24 @@ def test_same_batch_records_refreshes_and_summarises_them_by_thirds():
   assert run["labels"] == ["a", "b"] and run["final"] < 1e-3
   table = same_batch.phases_table(run)
   assert table.count("\n") == 2 + 2 * 3 - 1  # header, rule, 2 groups x 3 thirds
+
+
+def test_main_writes_the_command_and_every_task_section(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_main(argv):
+    calls.append(argv)
+    methods = argv[argv.index("--methods") + 1:argv.index("--hidlr-kwargs")]
+    return {m: _runs([0.3, 0.31]) for m in methods}
+
+  fake = designs.Task(fake_main, ("--model", "x"), ("row a",),
+                      (("test_mse", "MSE", False), ("train_mse", "train", False)))
+  monkeypatch.setattr(designs, "TASKS", {"fake": fake, "other": fake})
+  argv = ["--seeds", "2", "--tasks", "fake", "other", "--designs", "linear decay",
+          "--out", str(tmp_path), "--name", "d"]
+  designs.main(argv)
+  text = (tmp_path / "d.md").read_text()
+  assert text.startswith("Command: `python -m benchmarks.designs --seeds 2 --tasks fake other")
+  assert text.count("### ") == 2 and "| linear decay | 2 / 2 |" in text  # ties count
+  assert len(calls) == 4 and all(c[:2] == ["--model", "x"] for c in calls)
+  assert '"schedule": "linear"' in calls[1][calls[1].index("--hidlr-kwargs") + 1]
