@@ -131,15 +131,31 @@ def letter_runs(data_file: Path) -> list[tuple[str, dict]]:
   return out
 
 
-def least_squares_runs() -> list[tuple[str, dict]]:
-  rng = np.random.default_rng(0)
-  n, dim, batch = 4096, 32, 32
-  x = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
-  y = x @ jnp.asarray(rng.normal(size=dim), jnp.float32) + 2.0 * jnp.asarray(
-      rng.normal(size=n), jnp.float32)
+#: The noisy least-squares problem: rows, features (two groups of half), noise scale.
+ROWS, FEATURES, NOISE = 4096, 32, 2.0
+
+
+def noisy_least_squares(seed: int = 0):
+  """``y = x.w + NOISE eps``, its loss on rows ``i`` of ``{"a", "b"}`` halves of ``w``.
+
+  Returns:
+    ``(loss_fn(params, rows), full_loss(params) -> float, x, rng)``, with
+    ``rng`` the generator that drew the data, for the batches that follow.
+  """
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(ROWS, FEATURES)), jnp.float32)
+  y = x @ jnp.asarray(rng.normal(size=FEATURES), jnp.float32) + NOISE * jnp.asarray(
+      rng.normal(size=ROWS), jnp.float32)
   joined = lambda p: jnp.concatenate([p["a"], p["b"]])
   loss_fn = lambda p, i: jnp.mean((x[i] @ joined(p) - y[i]) ** 2) / 2
   full = lambda p: float(jnp.mean((x @ joined(p) - y) ** 2) / 2)
+  return loss_fn, full, x, rng
+
+
+def least_squares_runs() -> tuple[list[tuple[str, dict]], float]:
+  """The four least-squares runs, and gradient descent's stability limit."""
+  loss_fn, full, x, rng = noisy_least_squares()
+  n, dim, batch = ROWS, FEATURES, 32
   index = rng.integers(0, n, size=(1600, batch))
   out = []
   for name, base in (("SGD", optax.identity()), ("Adam", optax.scale_by_adam())):

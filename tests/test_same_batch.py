@@ -10,29 +10,19 @@ in check, so that a rule change that lets them run away fails here.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
 import hidlr_optax
 
-N, DIM, BATCH, STEPS = 4096, 32, 32, 800
+from benchmarks.same_batch import FEATURES as DIM, ROWS as N, noisy_least_squares
+
+BATCH, STEPS = 32, 800
 NOISE_FLOOR = 2.0
 
 
-def _problem():
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(N, DIM)), jnp.float32)
-  y = x @ jnp.asarray(rng.normal(size=DIM), jnp.float32) + 2.0 * jnp.asarray(
-      rng.normal(size=N), jnp.float32)
-  joined = lambda p: jnp.concatenate([p["a"], p["b"]])
-  loss = lambda p, i: jnp.mean((x[i] @ joined(p) - y[i]) ** 2) / 2
-  full = lambda p: float(jnp.mean((x @ joined(p) - y) ** 2) / 2)
-  return loss, full, rng
-
-
 def _train(tx, probe: str):
-  loss, full, rng = _problem()
+  loss, full, _, rng = noisy_least_squares()
   params = {"a": jnp.zeros(DIM // 2), "b": jnp.zeros(DIM // 2)}
   state = tx.init(params)
 
