@@ -179,6 +179,20 @@ def _promising(
   return labels
 
 
+def _two_way(
+    helper: str, what: str, pattern: str, matched: LabelLeaf, rest: LabelLeaf, hint: str
+) -> LabelFn:
+  """``matched`` where a path matches ``pattern``, ``rest`` elsewhere; both
+  promised (raising, with ``what`` naming the pattern, when one is empty)."""
+  return _promising(
+      helper,
+      by_regex([(pattern, matched)], default=rest),
+      [(matched, f"no parameter path matches the {what} pattern {pattern!r}"),
+       (rest, f"every parameter path matches the {what} pattern {pattern!r}")],
+      hint,
+  )
+
+
 def by_regex(rules: Rules, default: Union[LabelLeaf, None] = None) -> LabelFn:
   """Labels every leaf by the first regex that its path string matches.
 
@@ -242,13 +256,8 @@ def bias_vs_weight(bias: LabelLeaf = "bias", weight: LabelLeaf = "weight") -> La
     >>> bias_vs_weight()({'dense': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}})
     {'dense': {'bias': 'bias', 'kernel': 'weight'}}
   """
-  return _promising(
-      "bias_vs_weight",
-      by_regex([(BIAS_PATTERN, bias)], default=weight),
-      [(bias, f"no parameter path matches the bias pattern {BIAS_PATTERN!r}"),
-       (weight, f"every parameter path matches the bias pattern {BIAS_PATTERN!r}")],
-      "For a model without biases use another grouping.",
-  )
+  return _two_way("bias_vs_weight", "bias", BIAS_PATTERN, bias, weight,
+                  "For a model without biases use another grouping.")
 
 
 def norm_vs_rest(
@@ -276,13 +285,8 @@ def norm_vs_rest(
     >>> norm_vs_rest()({'LayerNorm_0': {'scale': jnp.ones(2)}, 'Dense_0': {'kernel': jnp.ones(2)}})
     {'Dense_0': {'kernel': 'rest'}, 'LayerNorm_0': {'scale': 'norm'}}
   """
-  return _promising(
-      "norm_vs_rest",
-      by_regex([(pattern, norm)], default=rest),
-      [(norm, f"no parameter path matches the norm pattern {pattern!r}"),
-       (rest, f"every parameter path matches the norm pattern {pattern!r}")],
-      "Pass pattern= matching your normalisation layers' paths.",
-  )
+  return _two_way("norm_vs_rest", "norm", pattern, norm, rest,
+                  "Pass pattern= matching your normalisation layers' paths.")
 
 
 def head_vs_body(
@@ -317,11 +321,8 @@ def head_vs_body(
     path matches the head pattern ... Paths seen: 'Dense_0/kernel',
     'Dense_1/kernel' (2 in all). Pass pattern= ...
   """
-  return _promising(
-      "head_vs_body",
-      by_regex([(pattern, head)], default=body),
-      [(head, f"no parameter path matches the head pattern {pattern!r}"),
-       (body, f"every parameter path matches the head pattern {pattern!r}")],
+  return _two_way(
+      "head_vs_body", "head", pattern, head, body,
       "Pass pattern= matching your output layer's paths, e.g. head_vs_body(r'^Dense_2/').",
   )
 

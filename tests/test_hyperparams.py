@@ -13,14 +13,7 @@ from flax import nnx
 import hidlr_optax
 
 # L = 1/2 (2 x^2 + 10 y^2): along the gradient the optimal rates are (0.5, 0.1).
-CURVATURE = {"x": 2.0, "y": 10.0}
-OPTIMAL = {"x": 0.5, "y": 0.1}
-LABELS = {"x": "x", "y": "y"}
-START = {"x": jnp.array([3.0, -1.0]), "y": jnp.array([1.0, 2.0])}
-
-
-def quadratic(p):
-  return sum(0.5 * CURVATURE[k] * jnp.sum(p[k] ** 2) for k in p)
+from test_inject_hyperparams import LABELS, OPTIMAL, START, quadratic  # noqa: E402
 
 
 def injected_hidlr(labels=LABELS, **kwargs):
