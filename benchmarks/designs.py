@@ -48,6 +48,7 @@ DESIGNS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "noise-aware fits": ({"per_example": True}, []),
     "Prodigy scale, Hi-DLR ratios": (
         {"direction": "prodigy", "ratios_only": True}, ["--lr", "1.0"]),
+    "previous step": ({"probe_direction": "previous"}, []),
 }
 
 

@@ -12,6 +12,10 @@ optax's line searches are called):
   groups, batch 32), whose noise floor 2.0 and stability limit
   ``2 / lambda_max`` are known, over SGD and Adam directions.
 
+Each run is made with the paper's rule (``probe_direction="current"``) and
+with fits of the previous step (``probe_direction="previous"``, unbiased on
+the gradient's own batch).
+
 For each run it reports, per group and per third of the run, the median
 rate, the share of refreshes whose fit was accepted, the share that the
 one-step fit cut (a predicted increase), and the joint check's median
@@ -103,6 +107,10 @@ def phases_table(run: dict) -> str:
       ["group", "third", "median rate", "accepted", "cut", "median joint factor"], rows)
 
 
+#: The rules compared: name -> scale_by_hidlr options.
+RULES = {"paper rule": {}, "previous step": {"probe_direction": "previous"}}
+
+
 def letter_runs(data_file: Path) -> list[tuple[str, dict]]:
   x, y, _, classes = letters.load_letters(data_file)
   (xtr, ytr), _ = letters.split_rows(x, y, letters.TRAIN_ROWS)
@@ -122,12 +130,13 @@ def letter_runs(data_file: Path) -> list[tuple[str, dict]]:
     return xtr[idx], ytr[idx]
 
   out = []
-  for probe in ("fresh", "same"):
-    tx = hidlr_optax.hidlr(rc.adamw_direction(1e-2), 1e-3, letters.GROUPS,
-                           update_every=UPDATE_EVERY)
-    params = mlp_init(jax.random.key(0), sizes)
-    out.append((f"letters, {probe}-batch probes",
-                train(loss_fn, params, tx, batches, steps, probe, lambda p: float(full(p)))))
+  for rule, options in RULES.items():
+    for probe in ("fresh", "same"):
+      tx = hidlr_optax.hidlr(rc.adamw_direction(1e-2), 1e-3, letters.GROUPS,
+                             update_every=UPDATE_EVERY, **options)
+      params = mlp_init(jax.random.key(0), sizes)
+      out.append((f"letters, {rule}, {probe}-batch probes",
+                  train(loss_fn, params, tx, batches, steps, probe, lambda p: float(full(p)))))
   return out
 
 
@@ -153,17 +162,21 @@ def noisy_least_squares(seed: int = 0):
 
 
 def least_squares_runs() -> tuple[list[tuple[str, dict]], float]:
-  """The four least-squares runs, and gradient descent's stability limit."""
+  """The least-squares runs (per rule, direction and probe batch), and
+  gradient descent's stability limit."""
   loss_fn, full, x, rng = noisy_least_squares()
   n, dim, batch = ROWS, FEATURES, 32
   index = rng.integers(0, n, size=(1600, batch))
   out = []
-  for name, base in (("SGD", optax.identity()), ("Adam", optax.scale_by_adam())):
-    for probe in ("fresh", "same"):
-      tx = hidlr_optax.hidlr(base, 1e-3, {"a": "a", "b": "b"}, update_every=UPDATE_EVERY)
-      params = {"a": jnp.zeros(dim // 2), "b": jnp.zeros(dim // 2)}
-      out.append((f"least squares, {name}, {probe}-batch probes",
-                  train(loss_fn, params, tx, lambda t: jnp.asarray(index[t]), 800, probe, full)))
+  for rule, options in RULES.items():
+    for name, base in (("SGD", optax.identity()), ("Adam", optax.scale_by_adam())):
+      for probe in ("fresh", "same"):
+        tx = hidlr_optax.hidlr(base, 1e-3, {"a": "a", "b": "b"}, update_every=UPDATE_EVERY,
+                               **options)
+        params = {"a": jnp.zeros(dim // 2), "b": jnp.zeros(dim // 2)}
+        out.append((f"least squares, {rule}, {name}, {probe}-batch probes",
+                    train(loss_fn, params, tx, lambda t: jnp.asarray(index[t]), 800, probe,
+                          full)))
   lam = float(jnp.linalg.eigvalsh(x.T @ x / n).max())
   return out, 2 / lam
 
@@ -175,8 +188,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
   args = p.parse_args(argv)
   runs = letter_runs(args.data_file)
   squares, limit = least_squares_runs()
-  sections = []
+  sections, finals = [], []
   for name, run in [*runs, *squares]:
+    finals.append([name, f"{run['final']:.4f}"])
     sections.append(f"### {name}\n\nfinal full-data loss {run['final']:.4f}\n\n{phases_table(run)}")
     print(sections[-1], flush=True)
   command = "python -m benchmarks.same_batch" + ("" if argv is None else " " + " ".join(argv))
@@ -184,12 +198,16 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
 # Same-batch probes: what drives the rates up
 
-Untuned Hi-DLR (defaults, Phi = {UPDATE_EVERY}, initial rate 1e-3), one seed. "accepted":
+Untuned Hi-DLR (defaults, Phi = {UPDATE_EVERY}, initial rate 1e-3), one seed, with the paper's
+rule and with `probe_direction="previous"` (fits of the previous step, at the point it
+started from: unbiased on the gradient's own batch). "accepted":
 share of refreshes whose fit set the group's rate; "cut": share that lowered it
 (a predicted increase, or the joint check); "median joint factor": the joint check's
 factor (1: no correction). Least squares: noise floor 2.0 (the full-data loss of the
 true weights is about that), stability limit of gradient descent 2 / lambda_max =
 {limit:.3f}.
+
+{markdown_table(["run", "final full-data loss"], finals)}
 
 {chr(10).join(sections)}
 """

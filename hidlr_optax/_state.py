@@ -137,6 +137,9 @@ class ScaleByHiDLRState(NamedTuple):
     anchor: with ``horizon="period"``, the parameters at the last refresh
       (the start of the displacement that the next refresh fits along);
       ``None`` otherwise.
+    previous_direction: with ``probe_direction="previous"``, the direction
+      given to the last update (what the next refresh fits along), in the
+      parameters' structure and dtypes; ``None`` otherwise.
   """
 
   count: jax.Array
@@ -147,6 +150,7 @@ class ScaleByHiDLRState(NamedTuple):
   num_noisy: PerGroup
   joint_factor: jax.Array
   anchor: Any = None
+  previous_direction: Any = None
 
 
 def _value(x: Any) -> Any:

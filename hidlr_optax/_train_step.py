@@ -82,8 +82,10 @@ def make_train_step(
       ``step(params, opt_state, batch)`` takes the gradient from the first
       half of ``batch`` along axis 0 (``n // 2`` rows) and probes on the
       rest. ``"same"``: on the gradient's batch, passing the loss as
-      ``value=`` (one forward fewer); only for full-batch problems, since on
-      a mini-batch the rates overshoot.
+      ``value=`` (one forward fewer): for full-batch problems, or on
+      mini-batches with ``tx`` built with ``probe_direction="previous"``
+      (whose fits are unbiased on the gradient's batch); with the paper's
+      ``probe_direction="current"`` the rates overshoot on mini-batches.
 
   Returns:
     ``step(params, opt_state, batch[, probe_batch], *, refresh=None) ->

@@ -27,7 +27,7 @@ LearningRate = Union[Scalar, Mapping[Label, Scalar]]
 #: treat as static (pass them as ``static_args``).
 STATIC_ARGS = (
     "param_labels", "update_every", "probe_batch_size", "joint_check", "horizon",
-    "ratios_only",
+    "ratios_only", "probe_direction",
 )
 
 _FITS = ("diagonal", "full")
@@ -35,6 +35,7 @@ _ESTIMATORS = ("probe", "jvp")
 _ACCEPTS = ("all", "group")
 _JOINT_CHECKS = (True, False, "combined", "cross")
 _HORIZONS = ("step", "period")
+_PROBE_DIRECTIONS = ("current", "previous")
 
 
 def _concrete(x: Any) -> bool:
@@ -73,10 +74,11 @@ def _resolve_batch_size(probe_batch_size: Union[int, str, None]) -> Union[int, N
 def _validate(
     learning_rate, update_every, smoothing, min_r2, fit, estimator, accept,
     max_growth, min_learning_rate, max_learning_rate, probe_batch_size,
-    joint_check, horizon, schedule, min_snr=2.0,
+    joint_check, horizon, schedule, min_snr=2.0, probe_direction="current",
 ) -> None:
   """Checks hyperparameters at construction (concrete values only)."""
   _check_choice("fit", fit, _FITS)
+  _check_choice("probe_direction", probe_direction, _PROBE_DIRECTIONS)
   _check_choice("estimator", estimator, _ESTIMATORS)
   _check_choice("accept", accept, _ACCEPTS)
   _check_choice("horizon", horizon, _HORIZONS)
@@ -202,6 +204,7 @@ def scale_by_hidlr(
     horizon: str = "step",
     schedule: Union[Scalar, optax.Schedule, None] = None,
     ratios_only: bool = False,
+    probe_direction: str = "current",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales the base direction by per-group learning rates set by Hi-DLR.
 
@@ -356,6 +359,19 @@ def scale_by_hidlr(
       (``optax.chain(optax.contrib.prodigy(), optax.scale(-1.0))`` with
       initial rates 1): Prodigy then sets the overall rate and Hi-DLR the
       differential one. No effect with one group.
+    probe_direction: which step each refresh fits. ``"current"`` (the
+      paper's rule): this step, along ``d_t`` from ``w_t``. ``"previous"``:
+      the step before, along ``d_{t-1}`` from the point it started from,
+      ``w_{t-1} = w_t + tau eta d_{t-1}`` (``tau`` the schedule's factor at
+      ``t - 1``): the same fits, acceptance, cuts and joint check, one step
+      late. No sample of the probe batch shaped ``d_{t-1}`` or ``w_{t-1}``,
+      so the fit is unbiased whatever batch ``value_fn`` evaluates, the
+      gradient's own included (for SGD, ``E[g_B . d_t] = G . d_t +
+      tr(Sigma) / B`` along this step's direction on its own batch). Step 0
+      has no previous step and fits its own. Costs one copy of the
+      direction in the state (written on every step), one moved copy of the
+      parameters during a refresh, and ``L(w_{t-1})`` is evaluated with the
+      probes (``value=`` is not used).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` takes
@@ -402,12 +418,13 @@ def scale_by_hidlr(
   _validate(
       learning_rate, update_every, smoothing, min_r2, fit, estimator, accept,
       max_growth, min_learning_rate, max_learning_rate, probe_batch_size,
-      joint_check, horizon, schedule, min_snr,
+      joint_check, horizon, schedule, min_snr, probe_direction,
   )
   scales = _fit.check_probe_scales(probe_scales)
   full = fit == "full"
   along_period = horizon == "period"
   cross_check = joint_check == "cross"
+  lagged = probe_direction == "previous"
 
   def init_fn(params: optax.Params) -> ScaleByHiDLRState:
     layout = build_layout(param_labels, params)
@@ -422,6 +439,7 @@ def scale_by_hidlr(
         num_noisy=PerGroup(layout.labels, jnp.zeros((layout.num_groups,), jnp.int32)),
         joint_factor=jnp.ones((), dtype),
         anchor=jax.tree.map(jnp.asarray, params) if along_period else None,
+        previous_direction=jax.tree.map(jnp.zeros_like, params) if lagged else None,
     )
 
   def estimate(value_fn, params, directions, layout, rates, value, follow_up):
@@ -487,11 +505,14 @@ def scale_by_hidlr(
       """The state after a refresh: every per-group value is set here, so
       that a step that does not refresh leaves the state untouched."""
       rates = state.learning_rates.stacked
-      origin, period = value, None
+      at, directions, origin, period = params, updates, value, None
+      if lagged:  # the step before, from where it started; on step 0 this one
+        at, directions = _previous_step(state, updates, params, layout, schedule)
+        origin = None  # L(w_{t-1}), evaluated with the probes
       if along_period:
         period_est = _period_estimate(value_fn, params, state.anchor, layout, rates, value)
         period = _rule.period_proposal(period_est, rates, min_r2=min_r2, max_growth=max_growth)
-        if period_est.slope_se is None:  # per-example changes need each L_j(w)
+        if period_est.slope_se is None and not lagged:  # per-example changes need each L_j(w)
           origin = period_est.origin
 
       def decide(est: _estimators.Estimate) -> tuple[jax.Array, _rule.Proposal]:
@@ -515,7 +536,7 @@ def scale_by_hidlr(
 
       checks_jointly = bool(joint_check) and layout.num_groups > 1
       est, joint = estimate(
-          value_fn, params, updates, layout, rates, origin, decide if checks_jointly else None
+          value_fn, at, directions, layout, rates, origin, decide if checks_jointly else None
       )
       slopes, curvatures = est.slope / rates, est.curvature / rates**2
       if checks_jointly:
@@ -572,11 +593,32 @@ def scale_by_hidlr(
     multiplier = _step_multiplier(schedule, state.count)
     if multiplier is not None:
       rates = rates * jnp.asarray(multiplier, rates.dtype)
+    if lagged:
+      state = state._replace(previous_direction=jax.tree.map(
+          lambda u, prev: u.astype(prev.dtype), updates, state.previous_direction))
     scaled = layout.scale(-rates, updates)
     updates = jax.tree.map(lambda u, p: u.astype(p.dtype), scaled, params)
     return updates, state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _previous_step(state: ScaleByHiDLRState, updates, params, layout, schedule):
+  """Where the previous step started and its direction: ``(w_{t-1}, d_{t-1})``.
+
+  The step before moved the parameters by ``-tau eta_k d_{t-1}`` (``tau``
+  the schedule's factor at ``t - 1``; the rates are still the ones it
+  used, since they change only at a refresh, before the step), so ``w_{t-1}
+  = w_t + tau eta d_{t-1}``, up to rounding. On step 0 there is no previous
+  step: ``(w_0, d_0)``.
+  """
+  first = state.count == 0
+  previous = jax.tree.map(
+      lambda prev, u: jnp.where(first, u, prev.astype(u.dtype)), state.previous_direction, updates)
+  before = _step_multiplier(schedule, jnp.maximum(state.count - 1, 0))
+  taken = jnp.where(first, 0, 1 if before is None else before)
+  back = -taken * state.learning_rates.stacked
+  return layout.move(params, back, previous, np.ones(layout.num_groups, bool)), previous
 
 
 def _period_estimate(value_fn, params, anchor, layout, rates, value) -> _estimators.Estimate:
