@@ -27,6 +27,7 @@ factor. Writes ``benchmarks/results/same_batch.md``::
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -130,13 +131,12 @@ def letter_runs(data_file: Path) -> list[tuple[str, dict]]:
     return xtr[idx], ytr[idx]
 
   out = []
-  for rule, options in RULES.items():
-    for probe in ("fresh", "same"):
-      tx = hidlr_optax.hidlr(rc.adamw_direction(1e-2), 1e-3, letters.GROUPS,
-                             update_every=UPDATE_EVERY, **options)
-      params = mlp_init(jax.random.key(0), sizes)
-      out.append((f"letters, {rule}, {probe}-batch probes",
-                  train(loss_fn, params, tx, batches, steps, probe, lambda p: float(full(p)))))
+  for (rule, options), probe in itertools.product(RULES.items(), ("fresh", "same")):
+    tx = hidlr_optax.hidlr(rc.adamw_direction(1e-2), 1e-3, letters.GROUPS,
+                           update_every=UPDATE_EVERY, **options)
+    params = mlp_init(jax.random.key(0), sizes)
+    out.append((f"letters, {rule}, {probe}-batch probes",
+                train(loss_fn, params, tx, batches, steps, probe, lambda p: float(full(p)))))
   return out
 
 
@@ -167,16 +167,14 @@ def least_squares_runs() -> tuple[list[tuple[str, dict]], float]:
   loss_fn, full, x, rng = noisy_least_squares()
   n, dim, batch = ROWS, FEATURES, 32
   index = rng.integers(0, n, size=(1600, batch))
+  directions = (("SGD", optax.identity()), ("Adam", optax.scale_by_adam()))
   out = []
-  for rule, options in RULES.items():
-    for name, base in (("SGD", optax.identity()), ("Adam", optax.scale_by_adam())):
-      for probe in ("fresh", "same"):
-        tx = hidlr_optax.hidlr(base, 1e-3, {"a": "a", "b": "b"}, update_every=UPDATE_EVERY,
-                               **options)
-        params = {"a": jnp.zeros(dim // 2), "b": jnp.zeros(dim // 2)}
-        out.append((f"least squares, {rule}, {name}, {probe}-batch probes",
-                    train(loss_fn, params, tx, lambda t: jnp.asarray(index[t]), 800, probe,
-                          full)))
+  for (rule, options), (name, base), probe in itertools.product(
+      RULES.items(), directions, ("fresh", "same")):
+    tx = hidlr_optax.hidlr(base, 1e-3, {"a": "a", "b": "b"}, update_every=UPDATE_EVERY, **options)
+    params = {"a": jnp.zeros(dim // 2), "b": jnp.zeros(dim // 2)}
+    out.append((f"least squares, {rule}, {name}, {probe}-batch probes",
+                train(loss_fn, params, tx, lambda t: jnp.asarray(index[t]), 800, probe, full)))
   lam = float(jnp.linalg.eigvalsh(x.T @ x / n).max())
   return out, 2 / lam
 

@@ -61,7 +61,7 @@ def test_fits_of_the_previous_step_stay_in_check(base, probe):
   # Over the Adam direction its final loss spreads more than the paper's
   # rule's with fresh probes (seeds 0-5 of this problem: 2.05-2.70 fresh,
   # 2.10-2.83 on the own batch, against 2.09-2.25), hence 20% rather than
-  # 10% there; the paper's rule on the own batch ends near 6, rates near 1.
+  # 10% there; the paper's rule on the own batch ends near 6, rates up to 1.
   direction = optax.identity() if base == "sgd" else optax.scale_by_adam()
   tx = hidlr_optax.hidlr(direction, 1e-3, {"a": "a", "b": "b"}, update_every=8,
                          probe_direction="previous")
