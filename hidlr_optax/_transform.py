@@ -265,7 +265,8 @@ def scale_by_hidlr(
   ``jax.lax.cond`` (or, with ``refresh=`` from the caller, only in the
   program compiled for refresh steps). For mini-batch training, make
   ``value_fn`` evaluate a *different* batch from the one the gradient came
-  from: same-batch probes overestimate ``b`` and the rates overshoot.
+  from: same-batch probes overestimate ``b`` and the rates overshoot (or
+  set ``probe_direction="previous"``, whose fits are unbiased on any batch).
   ``L(w)`` is evaluated in the same batched forward as the first group's
   probes (or taken from ``value=``).
 
