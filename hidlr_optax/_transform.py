@@ -513,7 +513,9 @@ def scale_by_hidlr(
       if along_period:
         period_est = _period_estimate(value_fn, params, state.anchor, layout, rates, value)
         period = _rule.period_proposal(period_est, rates, min_r2=min_r2, max_growth=max_growth)
-        if period_est.slope_se is None and not lagged:  # per-example changes need each L_j(w)
+        # Per-example changes need each L_j(w); the step's fit is at w only
+        # along the current direction (the previous step's is at w_{t-1}).
+        if period_est.slope_se is None and not lagged:
           origin = period_est.origin
 
       def decide(est: _estimators.Estimate) -> tuple[jax.Array, _rule.Proposal]:
@@ -619,7 +621,7 @@ def _previous_step(state: ScaleByHiDLRState, updates, params, layout, schedule):
   before = _step_multiplier(schedule, jnp.maximum(state.count - 1, 0))
   taken = jnp.where(first, 0, 1 if before is None else before)
   back = -taken * state.learning_rates.stacked
-  return layout.move(params, back, previous, np.ones(layout.num_groups, bool)), previous
+  return layout.move(params, back, previous, _estimators._every_group(layout)), previous
 
 
 def _period_estimate(value_fn, params, anchor, layout, rates, value) -> _estimators.Estimate:

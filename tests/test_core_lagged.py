@@ -84,7 +84,7 @@ def test_collinear_groups_stay_stable():
   labels = {str(i): str(i) for i in range(k)}
   tx = hidlr_optax.hidlr(optax.identity(), 0.01, labels, update_every=1,
                          probe_direction="previous")
-  w, state = {str(i): jnp.array(0.0) for i in range(k)}, None
+  w = {str(i): jnp.array(0.0) for i in range(k)}
   state = tx.init(w)
   step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p, value_fn=loss))
   for _ in range(200):
@@ -102,7 +102,7 @@ def test_with_the_period_fit_each_fit_has_its_own_origin():
   # exact.
   tx = hidlr_optax.gen(optax.identity(), 0.05, update_every=1, horizon="period",
                        probe_direction="previous")
-  w, state = jnp.array([1.0, -1.0, 0.5]), None
+  w = jnp.array([1.0, -1.0, 0.5])
   state, grads = tx.init(w), []
   step = jax.jit(lambda w, s, g: tx.update(g, s, w, value_fn=QUADRATIC, value=QUADRATIC(w)))
   for t in range(60):
@@ -135,7 +135,7 @@ def test_the_step_taken_is_counted_with_its_schedule_factor():
   tau = 0.25
   tx = hidlr_optax.gen(optax.identity(), 0.05, update_every=1, estimator="jvp",
                        probe_direction="previous", schedule=tau)
-  w, state = jnp.array([1.0, -1.0, 0.5]), None
+  w = jnp.array([1.0, -1.0, 0.5])
   state = tx.init(w)
   g0 = jax.grad(QUADRATIC)(w)
   updates, state = tx.update(g0, state, w, value_fn=QUADRATIC)
