@@ -15,7 +15,7 @@ decay over the same peak grid.
 
 Data: the Debian package ``r-cran-mlbench`` ships the set as an R data file
 (``/usr/lib/R/site-library/mlbench/data/LetterRecognition.rda``, 160 kB);
-:func:`read_rda` reads it without R. Or ``--data-file``. Run from the
+the ``rdata`` package reads it without R. Or ``--data-file``. Run from the
 repository root::
 
   python examples/letter_recognition.py             # the benchmark (5 seeds)
@@ -27,11 +27,6 @@ repository root::
 from __future__ import annotations
 
 import argparse
-import bz2
-import dataclasses
-import gzip
-import lzma
-import struct
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import rdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
@@ -60,143 +56,6 @@ GROUPS = [{"w": f"w{i + 1}", "b": "bias"} for i in range(len(SIZES) - 1)]
 
 
 # ----------------------------------------------------------------------------
-# R data files (XDR serialisation, R Internals section 1.8)
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RObject:
-  """One R value as read from a data file.
-
-  Attributes:
-    type: R's SEXP type code (13 integer, 14 double, 16 character, 19 list, ...).
-    value: a NumPy array for logical / integer / double vectors (``NA``
-      integers as the int32 minimum), a list of ``str`` (``None`` for ``NA``)
-      for a character vector, a list of :class:`RObject` for a list, a
-      ``str`` for a symbol, ``None`` for ``NULL``.
-    attributes: ``{name: RObject}`` (e.g. ``names``, ``class``, ``levels``).
-  """
-
-  type: int
-  value: Any
-  attributes: dict[str, "RObject"] = dataclasses.field(default_factory=dict)
-
-
-_NULL, _SYMBOL, _PAIRLIST, _CHAR, _LOGICAL, _INT, _DOUBLE, _STRING, _LIST = (
-    0, 1, 2, 9, 10, 13, 14, 16, 19
-)
-_REF, _NIL_VALUE = 255, 254
-_ENVIRONMENT_MARKERS = {241, 242, 246, 247, 251, 252, 253}  # base/empty/global env, ...
-_VECTOR_DTYPES = {_LOGICAL: ">i4", _INT: ">i4", _DOUBLE: ">f8"}
-
-
-class _XdrReader:
-  """Reads R's XDR serialisation: big-endian 32-bit integers, IEEE doubles."""
-
-  def __init__(self, raw: bytes):
-    self.raw, self.pos, self.symbols = raw, 0, []
-
-  def take(self, n: int) -> bytes:
-    if self.pos + n > len(self.raw):
-      raise ValueError("truncated R data file")
-    out = self.raw[self.pos : self.pos + n]
-    self.pos += n
-    return out
-
-  def int(self) -> int:
-    return struct.unpack(">i", self.take(4))[0]
-
-  def length(self) -> int:
-    n = self.int()
-    if n == -1:  # long vector: two more words
-      upper, lower = self.int(), self.int()
-      n = (upper << 32) + (lower & 0xFFFFFFFF)
-    return n
-
-  def item(self) -> RObject:
-    flags = self.int()
-    kind = flags & 0xFF
-    has_attributes, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
-    if kind == _NIL_VALUE or kind in _ENVIRONMENT_MARKERS:
-      return RObject(_NULL, None)
-    if kind == _REF:
-      index = flags >> 8 or self.int()
-      return self.symbols[index - 1]
-    if kind == _SYMBOL:
-      symbol = RObject(_SYMBOL, self.item().value)
-      self.symbols.append(symbol)
-      return symbol
-    if kind == _PAIRLIST:
-      return self.pairlist(has_attributes, has_tag)
-    if kind == _CHAR:
-      n = self.int()
-      return RObject(_CHAR, None if n == -1 else self.take(n).decode("utf-8", "replace"))
-    if kind in _VECTOR_DTYPES:
-      n = self.length()
-      dtype = np.dtype(_VECTOR_DTYPES[kind])
-      value = np.frombuffer(self.take(n * dtype.itemsize), dtype).astype(dtype.newbyteorder("="))
-    elif kind == _STRING:
-      value = [self.item().value for _ in range(self.length())]
-    elif kind == _LIST:
-      value = [self.item() for _ in range(self.length())]
-    else:
-      raise ValueError(f"R data file: SEXP type {kind} is not supported")
-    out = RObject(kind, value)
-    if has_attributes:
-      out.attributes = self.item().value
-    return out
-
-  def pairlist(self, has_attributes: bool, has_tag: bool) -> RObject:
-    """A pairlist as ``{tag: value}`` (attributes and the objects of a file)."""
-    out = {}
-    while True:
-      if has_attributes:
-        self.item()  # a pairlist's own attributes: none in data files
-      tag = self.item().value if has_tag else str(len(out))
-      out[tag] = self.item()
-      flags = self.int()
-      kind = flags & 0xFF
-      if kind != _PAIRLIST:  # the end of the list (NULL)
-        if kind != _NIL_VALUE:
-          raise ValueError(f"R data file: pairlist ends in SEXP type {kind}")
-        return RObject(_PAIRLIST, out)
-      has_attributes, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
-
-
-def read_rda(path: Path) -> dict[str, RObject]:
-  """The objects of an R data file (``save()``'s ``.rda`` / ``.RData``), by name.
-
-  Reads the XDR format (``RDX2`` / ``RDX3``), uncompressed or gzip, bzip2 or
-  xz compressed, with the vector types data sets use: logical, integer,
-  double, character and lists (data frames, factors) with their attributes.
-  """
-  raw = Path(path).read_bytes()
-  for magic, opener in ((b"\x1f\x8b", gzip.decompress), (b"BZh", bz2.decompress),
-                        (b"\xfd7zXZ", lzma.decompress)):
-    if raw.startswith(magic):
-      raw = opener(raw)
-      break
-  if raw[:5] not in (b"RDX2\n", b"RDX3\n") or raw[5:7] != b"X\n":
-    raise ValueError(f"{path}: not an XDR R data file (header {raw[:7]!r})")
-  reader = _XdrReader(raw[7:])
-  version = reader.int()
-  reader.int(), reader.int()  # the writer's R version, the oldest reader's
-  if version == 3:
-    reader.take(reader.int())  # the native encoding's name
-  objects = reader.item()
-  if objects.type != _PAIRLIST:
-    raise ValueError(f"{path}: no named objects")
-  return objects.value
-
-
-def data_frame_columns(frame: RObject) -> dict[str, np.ndarray]:
-  """A data frame's columns by name: factors as ``int`` codes from 0 (their
-  levels in ``frame.attributes["levels"]`` of the column), numbers as arrays."""
-  names = frame.attributes["names"].value
-  return {name: np.asarray(col.value) for name, col in zip(names, frame.value)}
-
-
-# ----------------------------------------------------------------------------
 # The data
 # ----------------------------------------------------------------------------
 
@@ -205,24 +64,25 @@ def load_letters(path: Path = DATA_FILE) -> tuple[np.ndarray, np.ndarray, list[s
   """Letter Recognition as ``(x (n, 16) float, y (n,) int in 0..25, features, classes)``.
 
   ``path`` is mlbench's ``LetterRecognition.rda``: a data frame with the
-  factor ``lettr`` (the class) and the 16 feature columns, in UCI's row order.
+  factor ``lettr`` (the class) and the 16 feature columns, in UCI's row order,
+  read with ``rdata`` (R itself is not used).
   """
   if not Path(path).exists():
     raise FileNotFoundError(
         f"Letter Recognition not found at {path}: `apt-get install {DATA_PACKAGE}`"
         " (its R data file; R itself is not used) or pass --data-file"
     )
-  objects = read_rda(path)
-  frame = objects.get("LetterRecognition") or next(iter(objects.values()))
-  target = frame.value[frame.attributes["names"].value.index("lettr")]
-  classes = target.attributes["levels"].value
-  columns = data_frame_columns(frame)
-  features = [name for name in columns if name != "lettr"]
-  x = np.stack([columns[name] for name in features], axis=1).astype(np.float64)
-  y = columns["lettr"].astype(np.int64) - 1  # R factor codes count from 1
+  objects = rdata.read_rda(path, default_encoding="ascii")
+  frame = objects.get("LetterRecognition")
+  if frame is None:
+    frame = next(iter(objects.values()))
+  target = frame["lettr"]
+  features = [str(name) for name in frame.columns if name != "lettr"]
+  x = frame[features].to_numpy(np.float64)
+  y = np.asarray(target.cat.codes, np.int64)  # -1 for a missing class
   if np.any(y < 0) or np.any(~np.isfinite(x)):
     raise ValueError(f"{path}: missing values")
-  return x, y, features, classes
+  return x, y, features, [str(c) for c in target.cat.categories]
 
 
 def split_rows(
