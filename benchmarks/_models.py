@@ -1,4 +1,4 @@
-"""Benchmark models for ``benchmarks/overhead.py``, in plain JAX.
+"""Benchmark models for the overhead benchmark (``benchmarks/overhead/``), in plain JAX.
 
 Three workloads, each on synthetic batches:
 

@@ -173,14 +173,14 @@ TASKS = {
     "compile": Task(
         "compile time (trace + lower + XLA compile) of the jitted train step, Hi-DLR over"
         " Adam at its default settings (K = 2, Phi = 8) against Adam alone, on the MLP and"
-        " LoRA models of benchmarks/overhead.py",
+        " LoRA models of benchmarks/overhead/",
         _COMPILE_METRIC,
         _compile_ratios(["mlp", "lora"], 2),
         repeat="repetition",
     ),
     "step": Task(
         "step time of the jitted train step, Hi-DLR over Adam at its default settings"
-        " (K = 2, Phi = 8) against Adam alone, on the MLP of benchmarks/overhead.py, and"
+        " (K = 2, Phi = 8) against Adam alone, on the MLP of benchmarks/overhead/, and"
         " peak memory by XLA's buffer assignment with params and state donated",
         "Hi-DLR / base: each step time the median over 15 interleaved repetitions of the"
         " paired ratio (benchmarks.overhead.interleaved); the memory ratio is deterministic",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared script for a lent GPU machine: the overhead
-# benchmark (benchmarks/overhead.py, MLP with its K x Phi grid) and, when the
+# benchmark (benchmarks/overhead/, MLP with its K x Phi grid) and, when the
 # Fashion-MNIST IDX files are at hand, the Fashion-MNIST example. Writes
 # $OUT/overhead_gpu.md, $OUT/fashion_mnist.md and .png, and the logs. Run
 # from the repository root:
