@@ -18,11 +18,6 @@ import hidlr_optax
 STEPS = 9  # update_every=4: refreshes at steps 0, 4 and 8
 
 
-def _relative(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
 def _normal(spec) -> str:
   """A partition spec as a string, without trailing ``None`` entries."""
   entries = list(spec)
@@ -49,13 +44,13 @@ def main() -> None:
         "param_difference": out["difference"][mode],
         "separation": out["separation"][mode],
         "same_decisions": bool(np.array_equal(run["accepted"], reference["accepted"])),
-        "loss_difference": _relative(run["losses"], reference["losses"]),
-        "rate_difference": _relative(
+        "loss_difference": _ecosystem.relative_difference(run["losses"], reference["losses"]),
+        "rate_difference": _ecosystem.relative_difference(
             list(hidlr_optax.learning_rates(run["opt_state"]).values()),
             list(hidlr_optax.learning_rates(reference["opt_state"]).values()),
         ),
         "fit_difference": max(
-            _relative(getattr(fits[k], f), getattr(ref_fits[k], f))
+            _ecosystem.relative_difference(getattr(fits[k], f), getattr(ref_fits[k], f))
             for k in fits for f in ("slope", "curvature", "r_squared")
         ),
         "accepted": {k: bool(f.accepted) for k, f in fits.items()},

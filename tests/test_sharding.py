@@ -11,7 +11,6 @@ worker once.
 from __future__ import annotations
 
 import json
-import os
 
 import _ecosystem
 
@@ -19,10 +18,8 @@ TOLERANCE = 1e-4  # relative; float32 reductions split over 8 devices
 
 
 def run_worker() -> dict:
-  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-  env = {"XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
   worker = _ecosystem.REPO_ROOT / "tests" / "_sharding_worker.py"
-  proc = _ecosystem.run_python(worker, env=env, timeout=600)
+  proc = _ecosystem.run_python(worker, env=_ecosystem.virtual_cpu_devices(8), timeout=600)
   [line] = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   return json.loads(line[len("RESULT "):])
 
