@@ -201,23 +201,67 @@ def _sort_labels(labels: set) -> tuple:
     ) from e
 
 
+def _is_label(x: Any) -> bool:
+  return isinstance(x, SliceLabels)
+
+
+def _key_name(key: Any) -> Hashable:
+  """A key path entry's name: a dict key, an attribute name or a sequence index."""
+  for field in ("key", "name", "idx"):
+    if hasattr(key, field):
+      return getattr(key, field)
+  return key
+
+
+def _names(path: Sequence[Any]) -> tuple[Hashable, ...]:
+  return tuple(_key_name(k) for k in path)
+
+
+def _labels_by_key_path(labels: Any, params: Any) -> Union[list, None]:
+  """One label leaf per parameter leaf, each the label whose key path (by names)
+  is a prefix of the leaf's; ``None`` if a leaf has no label or a label no leaf.
+
+  This matches a prefix whose nodes are not the parameters' node types, e.g.
+  a dict of labels over an ``nnx.State`` (whose leaves also end in ``.value``).
+  """
+  by_path = {
+      _names(path): label
+      for path, label in jax.tree_util.tree_flatten_with_path(labels, is_leaf=_is_label)[0]
+  }
+  out, used = [], set()
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = _names(path)
+    prefix = next((names[:n] for n in range(len(names) + 1) if names[:n] in by_path), None)
+    if prefix is None:
+      return None
+    used.add(prefix)
+    out.append(by_path[prefix])
+  return out if len(used) == len(by_path) else None
+
+
 def _broadcast_labels(labels: Any, params: Any) -> list:
-  """Returns one label leaf per parameter leaf, expanding a prefix tree."""
-  is_label = lambda x: isinstance(x, SliceLabels)
+  """Returns one label leaf per parameter leaf, expanding a prefix tree.
+
+  The prefix is matched by tree structure, or else by key paths (a dict of
+  labels over another mapping node, such as an ``nnx.State``).
+  """
   params_def = jax.tree.structure(params)
-  labels_def = jax.tree.structure(labels, is_leaf=is_label)
+  labels_def = jax.tree.structure(labels, is_leaf=_is_label)
   if labels_def == params_def:
-    return jax.tree.leaves(labels, is_leaf=is_label)
+    return jax.tree.leaves(labels, is_leaf=_is_label)
   try:
     expanded = labels_def.flatten_up_to(params)
   except (ValueError, TypeError) as e:
+    by_key_path = _labels_by_key_path(labels, params)
+    if by_key_path is not None:
+      return by_key_path
     raise ValueError(
         "param_labels does not match the parameters: it must be a pytree of"
         " labels with the parameters' structure, or a prefix of it (or a"
         " callable returning one).\n"
         f"  labels structure: {labels_def}\n  params structure: {params_def}"
     ) from e
-  label_leaves = jax.tree.leaves(labels, is_leaf=is_label)
+  label_leaves = jax.tree.leaves(labels, is_leaf=_is_label)
   out = []
   for label, subtree in zip(label_leaves, expanded):
     out.extend([label] * len(jax.tree.leaves(subtree)))
@@ -295,7 +339,7 @@ def _layout_without_leaves(param_labels: LabelsOrFn, treedef: Any) -> GroupLayou
         " be resolved; pass the labels as a pytree"
     )
   names: set = set()
-  for label in jax.tree.leaves(param_labels, is_leaf=lambda x: isinstance(x, SliceLabels)):
+  for label in jax.tree.leaves(param_labels, is_leaf=_is_label):
     if isinstance(label, SliceLabels):
       if isinstance(label.labels, str):
         raise ValueError(

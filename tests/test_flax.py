@@ -101,6 +101,42 @@ def test_accessors_unwrap_nnx_variables_without_warnings():
     assert float(fits[label].slope) > 0 and float(fits[label].curvature) > 0
 
 
+class _TwoLayers(nnx.Module):
+  """Submodules ``layer0`` and ``layer1``: the targets of a prefix dict of labels."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.layer0 = nnx.Linear(64, 16, rngs=rngs)
+    self.layer1 = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.layer1(jax.nn.relu(self.layer0(x)))
+
+
+def test_nnx_takes_a_prefix_dict_of_labels():
+  """``{"layer0": "a", "layer1": "b"}`` over the ``nnx.State`` of the params
+  groups as the callable that labels every leaf by its first key."""
+  by_submodule = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: {"layer0": "a", "layer1": "b"}[path[0].key], params)
+  step = hidlr_optax.make_nnx_train_step(lambda model, batch: flax_nnx.cross_entropy(model, *batch))
+  runs = []
+  for labels in ({"layer0": "a", "layer1": "b"}, by_submodule):
+    model = _TwoLayers(nnx.Rngs(0))
+    tx = hidlr_optax.hidlr(optax.scale_by_adam(), 1e-3, labels, update_every=2)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    losses = [float(step(model, optimizer, _data(0), _data(1))) for _ in range(5)]
+    runs.append((model, optimizer, losses))
+  (model, optimizer, losses), (reference, reference_optimizer, reference_losses) = runs
+  rates = hidlr_optax.learning_rates(optimizer.opt_state)
+  assert set(rates) == {"a", "b"}
+  assert int(hidlr_optax.find_states(optimizer.opt_state)[0].num_refreshes) == 3
+  _tree_close(rates, hidlr_optax.learning_rates(reference_optimizer.opt_state), rtol=1e-6)
+  assert all(float(r) != pytest.approx(1e-3) for r in rates.values())
+  np.testing.assert_allclose(losses, reference_losses, rtol=1e-6)
+  assert losses[-1] < losses[0]
+  _tree_close(nnx.as_pure(nnx.state(model, nnx.Param)),
+              nnx.as_pure(nnx.state(reference, nnx.Param)), rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------
 # Linen
 # ----------------------------------------------------------------------------
