@@ -10,8 +10,8 @@ Adam, 100 epochs, batch 128, binary cross-entropy.
 Methods: the paper's grid-searched ULR 1e-3 and DLR (gate 1e-3, experts
 5e-3), a small grid of our own to check them (picked by the final test loss,
 like the paper's baselines), Hi-ULR, Hi-DLR with the groups gate / experts
-(probes on a fresh batch; also on the gradient's own batch, to measure
-ALGORITHM.md section 6), and the learning-rate-free optimizers.
+(probes on a fresh batch; also on the gradient's own batch, to measure the
+bias docs/getting_started.md warns of), and the learning-rate-free optimizers.
 
 Run ``python examples/mixture_of_experts.py`` (``--quick`` for a small run).
 """

@@ -49,7 +49,7 @@ def test_ellipse_one_refresh_is_newton_step(estimator):
 
 
 def test_float32_probes_lose_digits_where_jvp_does_not():
-  """ALGORITHM.md section 6: L_j - L0 cancels in float32; jvp is exact."""
+  """L_j - L0 cancels in float32; jvp is exact (docs/method.md, "In words")."""
   params = {"x": jnp.array(50.0), "y": jnp.array(1.0)}
   got = {}
   for estimator in ("probe", "jvp"):
@@ -497,7 +497,8 @@ def test_zero_direction_is_rejected_not_nan():
 
 
 def test_rosenbrock_sgd_gen_rule_converges_with_safeguard():
-  """ALGORITHM.md section 6: GeN's rule alone diverges here."""
+  """GeN's smoothed rule alone diverges here; the immediate cut when eta > 2 eta*
+  (docs/method.md, "The rate rule") converges."""
   def rosen(p):
     return (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
 

@@ -2,16 +2,20 @@
 runs, the documentation builds without a warning, and every public name is in
 its API reference."""
 
+import ast
 import doctest
+import functools
 import importlib
 import importlib.util
 import inspect
+import io
 import os
 import pathlib
 import pkgutil
 import re
 import subprocess
 import sys
+import tokenize
 
 import pytest
 
@@ -102,12 +106,107 @@ def test_docs_code_blocks_run():
     hidlr_optax.check_direction(namespace["state"])
 
 
-def test_readme_links_resolve():
-  """Every relative link of the README names a file or folder of the checkout."""
-  text = (ROOT / "README.md").read_text()
-  missing = [link for link in re.findall(r"\]\(([^)#\s]+)[^)]*\)", text)
-             if "://" not in link and not (ROOT / link).exists()]
-  assert not missing, f"README links to missing paths: {missing}"
+#: A repository path in backticks: one of the checkout's top-level folders, then more.
+_REPO_PATH = re.compile(
+    r"`+((?:\.ci|benchmarks|data|docs|examples|hidlr_optax|notebooks|tests)/[^`\s]*)`+")
+#: A markdown link's target: ``[text](target)``, up to an anchor or a title.
+_LINK = re.compile(r"\]\(<?([^)#\s>]+)")
+_FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+#: Characters of a path template (``revisions_<name>.md``, ``{backend}``, globs).
+_TEMPLATE = re.compile(r"[<>{}*?$]")
+
+
+def _tracked_sources(*patterns: str) -> list[pathlib.Path]:
+  """The checkout's files matching ``patterns`` that git does not ignore."""
+  out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
+                        *patterns], cwd=ROOT, capture_output=True, text=True, check=True)
+  return [ROOT / name for name in out.stdout.splitlines() if (ROOT / name).exists()]
+
+
+def _generated(path: pathlib.Path, folder: bool) -> bool:
+  """Whether git ignores ``path`` (a ``folder`` if so cited): a build output, the
+  docs' mirrors, ..."""
+  name = str(path) + ("/" if folder else "")
+  proc = subprocess.run(["git", "check-ignore", "-q", "--no-index", name], cwd=ROOT)
+  return proc.returncode == 0
+
+
+@functools.cache
+def _mirrors() -> tuple:
+  return _docs_conf().MIRRORS
+
+
+def _unmirrored(path: pathlib.Path) -> pathlib.Path:
+  """A path into the docs' mirrors (``docs/benchmarks/...``) as its source's."""
+  for source, target in _mirrors():
+    if path == target or target in path.parents:
+      return source / path.relative_to(target)
+  return path
+
+
+def _comments_and_docstrings(path: pathlib.Path) -> list[str]:
+  """A Python file's comments and docstrings, or a shell script's comments."""
+  text = path.read_text()
+  if path.suffix != ".py":
+    return [line for line in text.splitlines() if line.lstrip().startswith("#")]
+  tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+  comments = [t.string for t in tokens if t.type == tokenize.COMMENT]
+  nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+  docstrings = [ast.get_docstring(node, clean=False) for node in ast.walk(ast.parse(text))
+                if isinstance(node, nodes)]
+  return comments + [d for d in docstrings if d]
+
+
+def _missing(cited: list[tuple[pathlib.Path, str, pathlib.Path]]) -> list[str]:
+  """``where: what`` for each cited path that is neither there nor generated."""
+  out = []
+  for where, what, path in cited:
+    path = _unmirrored(path.resolve())
+    if not (path.exists() or _TEMPLATE.search(what) or _generated(path, what.endswith("/"))):
+      out.append(f"{where.relative_to(ROOT)}: {what}")
+  return out
+
+
+def test_paths_cited_by_the_docs_exist():
+  """Every relative markdown link of the README and the docs, and every repository
+  path they give in backticks, names a file or folder of the checkout (links into
+  the docs' mirrors of ``benchmarks/`` and ``notebooks/`` count as their sources)."""
+  cited = []
+  for page in _tracked_sources("README.md", "docs/*.md"):
+    text = _FENCE.sub("", page.read_text())
+    cited += [(page, link, page.parent / link) for link in _LINK.findall(text)
+              if "://" not in link and not link.startswith("mailto:")]
+    cited += [(page, p, ROOT / p.split("::")[0]) for p in _REPO_PATH.findall(text)]
+  assert len(cited) > 100  # the scan sees the links
+  missing = _missing(cited)
+  assert not missing, f"the docs cite paths that do not exist: {missing}"
+
+
+def test_paths_cited_by_code_comments_and_docstrings_exist():
+  """Every repository path in backticks in the comments and docstrings of the
+  code (the package, examples, benchmarks, tests, docs' configuration, scripts)."""
+  cited = [
+      (source, p, ROOT / p.split("::")[0])
+      for source in _tracked_sources("*.py", "*.sh", ".ci/run")
+      for text in _comments_and_docstrings(source)
+      for p in _REPO_PATH.findall(text)
+  ]
+  assert len(cited) > 10
+  missing = _missing(cited)
+  assert not missing, f"comments and docstrings cite paths that do not exist: {missing}"
+
+
+def test_the_path_checks_catch_a_missing_path_and_pass_generated_ones():
+  page = ROOT / "README.md"
+  assert _missing([(page, "docs/no_such_page.md", ROOT / "docs" / "no_such_page.md")])
+  assert not _missing([
+      (page, "docs/_build/html", ROOT / "docs" / "_build" / "html"),  # ignored: generated
+      (page, "revisions_<name>.md", ROOT / "revisions_<name>.md"),  # a template
+      (page, "overhead_cpu.md", DOCS / "benchmarks" / "results" / "overhead_cpu.md"),  # mirrored
+  ])
+  assert _missing([(page, "x.md", DOCS / "benchmarks" / "results" / "no_such_result.md")])
+  assert _REPO_PATH.findall("see ``docs/method.md`` and `tests/test_docs.py::test_x`") == [
+      "docs/method.md", "tests/test_docs.py::test_x"]
 
 
 @pytest.mark.parametrize("name", MODULES)

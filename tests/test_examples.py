@@ -75,8 +75,8 @@ def test_toy_functions(tmp_path):
   # One group per coordinate is Newton's method: eta = 1 / (2 a) per axis.
   assert float(ellipse["lr"]["x"][-1]) == pytest.approx(0.5, rel=1e-2)
   assert float(ellipse["lr"]["y"][-1]) == pytest.approx(0.005, rel=1e-2)
-  # The first step is Newton's up to float32 cancellation in the probes
-  # (ALGORITHM.md section 6: eta_x = 0.4995), the second lands on the minimum.
+  # The first step is Newton's (the paper, Section 2.2, footnote 1) up to float32
+  # cancellation in the probes (eta_x = 0.4995), the second lands on the minimum.
   assert float(ellipse["loss"][1]) < 1e-5 * float(ellipse["loss"][0])
   assert float(ellipse["loss"][2]) < 1e-10
   for problem, recs in results.items():
