@@ -14,7 +14,9 @@ import optax
 import hidlr_optax
 from benchmarks import _models
 
+#: The groups K and refresh period Phi of the headline table (Hi-DLR's defaults).
 HEADLINE_K, HEADLINE_PHI = 2, 8
+#: Probe batchings by name: ``probe_batch_size`` values.
 BATCHINGS = {"vmap": None, "chunk1": 1, "chunk2": 2, "chunk4": 4}
 
 
