@@ -1,6 +1,6 @@
 """Closed-form quadratic fits of probe losses (Xu, Bu, Zhang & Barnett, eq. 3.1).
 
-All fits work in *normalised* step units. Along group ``k`` a step of size
+All fits work in *step units*. Along group ``k`` a step of size
 ``s`` means moving the parameters by ``-s * eta_k * d_k``, so that ``s = 1`` is
 the step the current learning rate would take. In these units the second-order
 model of the loss change is
@@ -99,12 +99,6 @@ def fit_quadratics(deltas: jax.Array, scales: np.ndarray) -> QuadraticFit:
   return QuadraticFit(coeffs[:, 0], coeffs[:, 1], r_squared)
 
 
-def pair_indices(num_groups: int) -> np.ndarray:
-  """Returns the ``(k, l)`` index pairs with ``k < l``, shape ``(P, 2)``."""
-  pairs = [(k, l) for k in range(num_groups) for l in range(k + 1, num_groups)]
-  return np.asarray(pairs, dtype=np.int32).reshape(-1, 2)
-
-
 def curvature_matrix(
     diagonal: jax.Array, pair_curvature: jax.Array, pairs: np.ndarray
 ) -> jax.Array:
@@ -145,7 +139,7 @@ def solve_full(slope: jax.Array, curvature: jax.Array) -> tuple[jax.Array, jax.A
     curvature: ``M``, shape ``(K, K)``.
 
   Returns:
-    ``(s, ok)``: the minimiser in normalised units and whether it is valid
+    ``(s, ok)``: the minimiser in step units and whether it is valid
     (``M`` positive definite, every entry of ``s`` finite and positive).
   """
   finite = jnp.all(jnp.isfinite(curvature)) & jnp.all(jnp.isfinite(slope))
@@ -157,52 +151,3 @@ def solve_full(slope: jax.Array, curvature: jax.Array) -> tuple[jax.Array, jax.A
   s = jax.scipy.linalg.cho_solve((safe_chol, True), safe_slope)
   ok = finite & pos_def & jnp.all(jnp.isfinite(s)) & jnp.all(s > 0)
   return s, ok
-
-
-class NoiseEstimate(NamedTuple):
-  """Standard errors of a fit's coefficients over the examples of a batch.
-
-  Attributes:
-    slope: the standard error of ``beta``, shape ``(m,)``.
-    curvature: the standard error of the curvature, shape ``(m,)``.
-  """
-
-  slope: jax.Array
-  curvature: jax.Array
-
-
-def standard_error(per_example: jax.Array) -> jax.Array:
-  """The standard error of the mean over the last axis, ``std(ddof=1) / sqrt(B)``.
-
-  Args:
-    per_example: values of ``B >= 2`` examples along the last axis.
-
-  Returns:
-    The standard error of their mean, with the last axis removed.
-  """
-  count = per_example.shape[-1]
-  return jnp.std(per_example, axis=-1, ddof=1) / np.sqrt(count).astype(per_example.dtype)
-
-
-def per_example_standard_errors(deltas: jax.Array, scales: np.ndarray) -> NoiseEstimate:
-  """Standard errors of the fits of the mean of per-example loss changes.
-
-  The least-squares fit is linear in the loss changes: with ``P`` the
-  operator of :func:`fit_quadratics`, example ``j``'s coefficients ``c_j = P
-  (L_j(v) - L_j(0))`` average to the fit of the batch's mean loss exactly,
-  so their spread over the batch gives the standard error of that fit:
-  ``se(beta) = std_j(beta_j) / sqrt(B)``, and likewise for the curvature.
-
-  Args:
-    deltas: per-example loss changes ``L_j(v_i) - L_j(0)``, shape
-      ``(m, n, B)`` for ``m`` curves probed at the ``n`` scales on ``B >= 2``
-      examples.
-    scales: the probe scales ``v``, shape ``(n,)``.
-
-  Returns:
-    The standard errors, each of shape ``(m,)``.
-  """
-  operator = jnp.asarray(_least_squares_operator(scales), deltas.dtype)
-  coeffs = jnp.einsum("cn,mnb->mcb", operator, deltas)  # (m, 2, B)
-  errors = standard_error(coeffs)
-  return NoiseEstimate(errors[:, 0], errors[:, 1])

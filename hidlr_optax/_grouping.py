@@ -145,6 +145,25 @@ class GroupLayout:
         np.add.at(counts, spec.slice_groups, np.prod(shape) / shape[spec.axis])
     return counts
 
+  def dot(self, a: Any, b: Any, dtype: Any) -> jax.Array:
+    """The inner product of ``a`` and ``b`` within every group, shape ``(num_groups,)``.
+
+    Args:
+      a: a pytree with the parameters' structure.
+      b: another.
+      dtype: the dtype of the result (and of the sums).
+    """
+    total = jnp.zeros((self.num_groups,), dtype)
+    leaves = zip(self.leaves, self.treedef.flatten_up_to(a), self.treedef.flatten_up_to(b))
+    for spec, x, y in leaves:
+      product = jnp.asarray(x).astype(dtype) * jnp.asarray(y).astype(dtype)
+      if spec.slice_groups is None:
+        total = total.at[spec.group].add(jnp.sum(product))
+      else:
+        others = tuple(i for i in range(product.ndim) if i != spec.axis)
+        total = total.at[spec.slice_groups].add(jnp.sum(product, axis=others))
+    return total
+
   def move(self, params: Any, coeffs: jax.Array, directions: Any, groups: np.ndarray) -> Any:
     """Returns ``params - coeffs_k * d_k`` over the groups where ``groups`` is set.
 

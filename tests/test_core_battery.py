@@ -59,12 +59,16 @@ def train_step(tx, obj, params, state, **kwargs):
   return optax.apply_updates(params, updates), state
 
 
+ESTIMATORS = ["probe", "jvp", "secant"]
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("num_groups", [1, 2])
-def test_extra_args_accepted_and_no_recompilation(base, num_groups):
+def test_extra_args_accepted_and_no_recompilation(base, num_groups, estimator):
   params, _, obj = rosenbrock(jnp.float32)
   labels = None if num_groups == 1 else hidlr_optax.per_slice(0, ["x", "y"])
-  tx = hidlr_optax.hidlr(BASES[base](), 1e-3, labels)
+  tx = hidlr_optax.hidlr(BASES[base](), 1e-3, labels, estimator=estimator)
   step = jax.jit(
       functools.partial(train_step, tx, obj, unexpected_extra_arg_the_optimizer_ignores=1)
   )
@@ -77,25 +81,52 @@ def test_extra_args_accepted_and_no_recompilation(base, num_groups):
   assert not logs, "the Hi-DLR step recompiled"
 
 
+def steps_to_target(tx, obj, params, final, steps=30_000, tol=3e-2):
+  """Runs ``tx`` for ``steps`` steps: the first step within ``tol`` of
+  ``final`` (``steps`` if never), the final parameters, the state and the
+  Hi-DLR rates along the run (``None`` without Hi-DLR)."""
+  step = functools.partial(train_step, tx, obj)
+  rates_of = lambda state: [s.learning_rates.stacked for s in hidlr_optax.find_states(state)]
+
+  def body(carry, _):
+    params, state = step(*carry)
+    gaps = jax.tree.map(lambda p, f: jnp.max(jnp.abs(p - f) / (tol + tol * jnp.abs(f))),
+                        params, final)
+    return (params, state), (jnp.max(jnp.stack(jax.tree.leaves(gaps))), rates_of(state))
+
+  (params, state), (gaps, rates) = jax.jit(lambda c: jax.lax.scan(body, c, length=steps))(
+      (params, tx.init(params)))
+  within = np.asarray(gaps) <= 1
+  first = int(np.argmax(within)) if within.any() else steps
+  return first, params, state, (np.asarray(rates[0]) if rates else None)
+
+
+def assert_the_rule_converges(base, target, labels=None, **options):
+  """Hi-DLR from rate 1e-3 reaches the target, and because its rule acted:
+  fits were accepted, the rate moved from 1e-3, and the fixed rate 1e-3
+  takes longer (or never arrives) on the same problem."""
+  params, final, obj = TARGETS[target](jnp.float32)
+  tx = hidlr_optax.hidlr(BASES[base](), 1e-3, labels, **options)
+  steps, params_end, state, rates = steps_to_target(tx, obj, params, final)
+  test_utils.assert_trees_all_close(params_end, final, rtol=3e-2, atol=3e-2)
+  hidlr_state = hidlr_optax.find_states(state)[0]
+  assert int(hidlr_state.num_refreshes) == 30_000 // options.get("update_every", 8)
+  assert all(int(n) > 0 for n in hidlr_state.num_accepted.values())
+  moved = np.max(np.abs(np.log(rates / 1e-3)), axis=0)  # per group, over the run
+  assert np.all(moved > np.log(2)), moved
+  fixed, *_ = steps_to_target(optax.chain(BASES[base](), optax.scale(-1e-3)), obj, params, final)
+  assert steps < fixed, (steps, fixed)
+
+
+@pytest.mark.parametrize("estimator", ["probe", "secant"])
 @pytest.mark.parametrize("target", list(TARGETS))
 @pytest.mark.parametrize("base", list(BASES))
-def test_converges(base, target):
-  params, final, obj = TARGETS[target](jnp.float32)
+def test_converges(base, target, estimator):
   # Lazy refreshes hold a rate fixed for `update_every` steps; over plain SGD
   # in Rosenbrock's valley a rate fitted at one point exceeds the stability
   # limit 2 / lambda_max a few steps later, so that case refreshes every 2.
   update_every = 2 if (base, target) == ("sgd", "rosenbrock") else 8
-  tx = hidlr_optax.hidlr(BASES[base](), 1e-3, update_every=update_every)
-  step = functools.partial(train_step, tx, obj)
-
-  def body(carry, _):
-    return step(*carry), None
-
-  (params, state), _ = jax.jit(lambda c: jax.lax.scan(body, c, length=30_000))(
-      (params, tx.init(params))
-  )
-  test_utils.assert_trees_all_close(params, final, rtol=3e-2, atol=3e-2)
-  assert int(hidlr_optax.find_states(state)[0].num_refreshes) == 30_000 // update_every
+  assert_the_rule_converges(base, target, update_every=update_every, estimator=estimator)
 
 
 def test_lazy_sgd_rosenbrock_limitation_is_real():
@@ -109,15 +140,18 @@ def test_lazy_sgd_rosenbrock_limitation_is_real():
   assert not np.allclose(params, 1.0, atol=3e-2)
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("num_groups", [1, 2])
-def test_equal_results_inside_inject_hyperparams(num_groups):
+def test_equal_results_inside_inject_hyperparams(num_groups, estimator):
   labels = None if num_groups == 1 else ["a", "b"]
   params = [-jnp.ones((2, 3)), jnp.ones((2, 5, 2))]
   obj = lambda p: optax.tree.norm(p, squared=True) + 0.1 * jnp.sum(p[0]) ** 4
   grads = jax.grad(obj)(params)
+  # The secant's fit at 0.01 is close to 0.01 itself: start it lower, so
+  # that the comparison is between two runs whose rates move.
   kwargs = dict(
-      learning_rate=0.01, param_labels=labels, update_every=1,
-      smoothing=0.5, min_r2=0.5, max_growth=3.0,
+      learning_rate=1e-3 if estimator == "secant" else 0.01, param_labels=labels,
+      update_every=1, smoothing=0.5, min_r2=0.5, max_growth=3.0, estimator=estimator,
   )
   plain = hidlr_optax.scale_by_hidlr(**kwargs)
   injected = optax.inject_hyperparams(
@@ -132,13 +166,15 @@ def test_equal_results_inside_inject_hyperparams(num_groups):
     outs.append((updates, hidlr_optax.learning_rates(state)))
   test_utils.assert_trees_all_close(outs[0], outs[1], rtol=1e-5)
   # and the rates moved, so the comparison is not between two no-ops
-  assert any(abs(float(v) - 0.01) > 1e-4 for v in outs[0][1].values())
+  assert any(abs(float(v) - kwargs["learning_rate"]) > 1e-4 for v in outs[0][1].values())
 
 
-def test_works_inside_multisteps():
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_works_inside_multisteps(estimator):
   params = jnp.array([1.0, 2.0])
   obj = lambda p: jnp.sum(p**2)
-  tx = optax.MultiSteps(hidlr_optax.gen(optax.scale_by_adam(), 1e-2), every_k_schedule=4)
+  tx = optax.MultiSteps(hidlr_optax.gen(optax.scale_by_adam(), 1e-2, estimator=estimator),
+                        every_k_schedule=4)
   state = jax.jit(tx.init)(params)
   update = jax.jit(functools.partial(tx.update, value_fn=obj))
   grads = jax.grad(obj)(params)
@@ -152,7 +188,7 @@ def test_works_inside_multisteps():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("estimator", ["probe", "jvp"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_updates_keep_param_dtype(dtype, estimator):
   params = jnp.array([1.0, 2.0], dtype=dtype)
   obj = lambda x: jnp.sum(x.astype(jnp.float32) ** 2)
@@ -164,13 +200,15 @@ def test_updates_keep_param_dtype(dtype, estimator):
   assert bool(jnp.all(jnp.isfinite(updates)))
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
 @pytest.mark.parametrize("num_groups", [1, 3])
-def test_state_dtype_and_shape_stable_across_cond(dtype, num_groups):
+def test_state_dtype_and_shape_stable_across_cond(dtype, num_groups, estimator):
   with jax.enable_x64(dtype == jnp.float64):
     params, _, obj = parabola(dtype)
     labels = None if num_groups == 1 else hidlr_optax.per_slice(0, "c")
-    tx = hidlr_optax.hidlr(optax.scale_by_adam(), 1e-2, labels, update_every=2)
+    tx = hidlr_optax.hidlr(optax.scale_by_adam(), 1e-2, labels, update_every=2,
+                           estimator=estimator)
 
     @jax.jit
     def step(params, state):

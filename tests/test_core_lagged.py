@@ -18,7 +18,7 @@ import pytest
 import hidlr_optax
 from optax._src import test_utils
 
-from test_core_battery import BASES, TARGETS, train_step
+from test_core_battery import BASES, TARGETS, assert_the_rule_converges, train_step
 
 A = jnp.array([1.0, 4.0, 9.0])
 QUADRATIC = lambda w: 0.5 * jnp.sum(A * w**2)
@@ -95,27 +95,6 @@ def test_collinear_groups_stay_stable():
   assert float(loss(w)) < best + 1e-4
 
 
-def test_with_the_period_fit_each_fit_has_its_own_origin():
-  # The period fit is at w_t, the previous step's fit at w_{t-1}, each
-  # measured from its own L(w) (L(w_t) as the origin of the probes around
-  # w_{t-1} would shift the fitted curvature); on a quadratic both are
-  # exact.
-  tx = hidlr_optax.gen(optax.identity(), 0.05, update_every=1, horizon="period",
-                       probe_direction="previous")
-  w = jnp.array([1.0, -1.0, 0.5])
-  state, grads = tx.init(w), []
-  step = jax.jit(lambda w, s, g: tx.update(g, s, w, value_fn=QUADRATIC, value=QUADRATIC(w)))
-  for t in range(60):
-    grads.append(jax.grad(QUADRATIC)(w))
-    updates, state = step(w, state, grads[-1])
-    w = optax.apply_updates(w, updates)
-    if t == 12:
-      fit, before = hidlr_optax.fit_diagnostics(state)["all"], grads[-2]
-      assert float(fit.slope) == pytest.approx(float(before @ before), rel=1e-3)
-      assert float(fit.curvature) == pytest.approx(float(before @ (A * before)), rel=1e-3)
-  assert float(QUADRATIC(w)) < 1e-6
-
-
 def test_only_the_step_before_a_refresh_matters():
   # update_every=3: the refresh at step 3 fits along d_2 (not d_0 or d_1).
   tx = hidlr_optax.gen(optax.identity(), 0.05, update_every=3, estimator="jvp",
@@ -162,39 +141,11 @@ def test_converges_on_an_ill_conditioned_quadratic():
 def test_converges_on_the_battery_targets(base, target):
   # As tests/test_core_battery.py::test_converges, with two groups where
   # the target has two leaves.
-  params, final, obj = TARGETS[target](jnp.float32)
+  params, _, _ = TARGETS[target](jnp.float32)
   update_every = 2 if (base, target) == ("sgd", "rosenbrock") else 8
   labels = ("a", "b") if isinstance(params, tuple) else None
-  tx = hidlr_optax.hidlr(BASES[base](), 1e-3, labels, update_every=update_every,
-                         probe_direction="previous")
-
-  def body(carry, _):
-    return train_step(tx, obj, *carry), None
-
-  (params, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, length=30_000))(
-      (params, tx.init(params)))
-  test_utils.assert_trees_all_close(params, final, rtol=3e-2, atol=3e-2)
-
-
-def test_noise_aware_fits_of_the_previous_step():
-  # Per-example losses: the fits of the previous step carry standard errors
-  # like the paper's, and the run trains.
-  rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.normal(size=(256, 4)), jnp.float32)
-  y = x @ jnp.asarray([1.0, -2.0, 0.5, 3.0], jnp.float32) + jnp.asarray(
-      rng.normal(size=256), jnp.float32)
-  per_example = lambda w: (x @ w - y) ** 2 / 2
-  tx = hidlr_optax.gen(optax.scale_by_adam(), 1e-2, probe_direction="previous")
-  state, w = tx.init(jnp.zeros(4)), jnp.zeros(4)
-  step = jax.jit(lambda w, s: tx.update(
-      jax.grad(lambda p: per_example(p).mean())(w), s, w, value_fn=per_example))
-  for _ in range(41):
-    updates, state = step(w, state)
-    w = optax.apply_updates(w, updates)
-  fit = hidlr_optax.fit_diagnostics(state)["all"]
-  assert np.isfinite(float(fit.slope_snr)) and np.isfinite(float(fit.curvature_snr))
-  assert int(hidlr_optax.find_states(state)[0].num_accepted["all"]) >= 1
-  assert float(per_example(w).mean()) < 0.5 * float(per_example(jnp.zeros(4)).mean())
+  assert_the_rule_converges(base, target, labels, update_every=update_every,
+                            probe_direction="previous")
 
 
 def _slopes_on_batches(probe_direction: str, batches: int = 400):

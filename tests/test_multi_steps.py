@@ -33,10 +33,10 @@ PARAMS = {
 
 
 def make_tx():
-  # probe_batch_size=1: the probes run in a loop, one value_fn call each, on
+  # estimator=hidlr_optax.ProbeEstimator(batch_size=1): the probes run in a loop, one value_fn call each, on
   # every backend (a vmapped callback would count per element).
   return hidlr_optax.hidlr(
-      optax.scale_by_adam(), 1e-2, LABELS, update_every=UPDATE_EVERY, probe_batch_size=1
+      optax.scale_by_adam(), 1e-2, LABELS, update_every=UPDATE_EVERY, estimator=hidlr_optax.ProbeEstimator(batch_size=1)
   )
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 import hidlr_optax
+from hidlr_optax import _probe
 from benchmarks import _models
 
 #: The groups K and refresh period Phi of the headline table (Hi-DLR's defaults).
@@ -138,9 +139,15 @@ def optimizer(model: _models.Model, v: Variant) -> optax.GradientTransformation:
     return optax.chain(optax.scale_by_adam(), bare_cond(v.update_every, v.bare_probes))
   return hidlr_optax.hidlr(
       optax.scale_by_adam(), 1e-3, _models.group_labels(model, v.k, v.grouping),
-      update_every=v.update_every, estimator=v.estimator,
-      probe_batch_size=v.probe_batch_size, joint_check=v.joint_check,
+      update_every=v.update_every, estimator=estimator(v), joint_check=v.joint_check,
   )
+
+
+def estimator(v: Variant) -> Union[str, hidlr_optax.ProbeEstimator]:
+  """The variant's estimator; the probe estimator with its batching."""
+  if v.estimator != "probe":
+    return v.estimator
+  return hidlr_optax.ProbeEstimator(batch_size=v.probe_batch_size)
 
 
 def train_step(model: _models.Model, tx, v: Variant) -> Callable:
@@ -239,7 +246,7 @@ class Bench:
 
 
 def auto_batching() -> str:
-  """What ``probe_batch_size="auto"`` resolves to here, as a batching name."""
-  size = hidlr_optax._transform._resolve_batch_size("auto")
+  """What the probe estimator's ``batch_size="auto"`` resolves to here, as a batching name."""
+  size = _probe.resolve_batch_size("auto")
   return next(name for name, value in BATCHINGS.items() if value == size)
 
