@@ -503,8 +503,8 @@ def test_zero_direction_is_rejected_not_nan():
 
 
 def test_rosenbrock_sgd_gen_rule_converges_with_safeguard():
-  """GeN's smoothed rule alone diverges here; the immediate cut when eta > 2 eta*
-  (docs/method.md, "The rate rule") converges."""
+  """GeN's rule over SGD on Rosenbrock, refreshed every step, converges with
+  the immediate cut when eta > 2 eta* (docs/method.md, "The rate rule")."""
   def rosen(p):
     return (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
 

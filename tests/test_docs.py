@@ -214,6 +214,8 @@ def test_docstring_examples(name):
   module = importlib.import_module(name)
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert result.failed == 0
+  # Every example in the module ran (a collection problem would run none).
+  assert result.attempted >= inspect.getsource(module).count(">>> "), result
 
 
 def _docs_conf():

@@ -3,8 +3,8 @@
 The initial learning rate, ``smoothing``, ``min_r2`` and ``max_growth`` become
 arrays in the state: one compiled step serves every value, values can change
 between steps, and sweeps can be ``jax.vmap``-ed. ``param_labels``,
-``update_every``, ``probe_batch_size`` and ``joint_check`` are static
-(``hidlr_optax.STATIC_ARGS``).
+``update_every``, ``joint_check``, ``probe_direction`` and ``estimator`` are
+static (``hidlr_optax.STATIC_ARGS``).
 """
 
 from __future__ import annotations
@@ -152,3 +152,24 @@ def test_vmapped_sweep_equals_separate_runs():
     )
   final_rates = np.stack([swept[1][k] for k in LABELS], axis=1)
   assert len({tuple(np.round(r, 6)) for r in final_rates}) == grid_lr.shape[0]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_hidlr_itself_under_inject_hyperparams(static):
+  # The optax way, on the chained factory: every argument is listed, so the
+  # wrapper binds them (base and the label dict stay static as non-numbers).
+  kwargs = {"static_args": hidlr_optax.STATIC_ARGS} if static else {}
+  tx = optax.inject_hyperparams(hidlr_optax.hidlr, **kwargs)(
+      base=optax.scale_by_adam(), learning_rate=1e-2, param_labels={"w": "w", "b": "b"},
+      smoothing=0.5)
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+  loss = lambda p: jnp.sum((p["w"] - 2.0) ** 2) + jnp.sum((p["b"] + 1.0) ** 2)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p, value_fn=loss))
+  for _ in range(9):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  assert float(state.hyperparams["smoothing"]) == 0.5
+  assert set(hidlr_optax.learning_rates(state)) == {"w", "b"}
+  assert int(hidlr_optax.find_states(state)[0].num_refreshes) == 2
+  assert float(loss(params)) < 14.0  # from 14 at the start
