@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared script for a lent GPU machine: the overhead
-# benchmark (benchmarks/overhead/, MLP with its K x Phi grid) and, when the
+# benchmark (benchmarks/overhead/, MLP with its K x Phi grid), the Table 4
+# analog (benchmarks/table4.py) and, when the
 # Fashion-MNIST IDX files are at hand, the Fashion-MNIST example. Writes
 # $OUT/overhead_gpu.md, $OUT/fashion_mnist.md and .png, and the logs. Run
 # from the repository root:
@@ -60,3 +61,6 @@ if [[ -n "${FMNIST_DIR:-}" ]]; then
 fi
 timeout 300 "$PY" -m benchmarks.overhead --device-peaks mlp --models mlp --grid-models mlp --compile-reps 3 \
   --out "$OUT/overhead_gpu.md" 2>&1 | tee "$OUT/overhead_gpu.log"
+# The analog of the paper's Table 4 (probe and secant, K = 2, Phi 1-8) on a
+# transformer with millisecond steps.
+timeout 240 "$PY" -m benchmarks.table4 --out "$OUT/table4_gpu.md" 2>&1 | tee "$OUT/table4_gpu.log"

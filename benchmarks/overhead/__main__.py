@@ -35,15 +35,17 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
   if args.quick:
     args.reps = {m: 3 for m in ("mlp", "lora", "transformer")}
     compile_reps, args.ks, args.phis = 1, (2,), (1, 8)
+    args.scan_ks = (1, 2, 4)
     args.batchings = ("chunk1", "vmap")
   else:
     cpu = jax.default_backend() == "cpu"
     args.reps = ({"mlp": 15, "lora": 9, "transformer": 5} if cpu
                  else {"mlp": 30, "lora": 30, "transformer": 30})
     compile_reps, args.ks, args.phis = 11, (1, 2, 4, 8), (1, 2, 4, 8, 16)
+    args.scan_ks = (1, 2, 4, 8, 16, 33)
     args.batchings = ("chunk1", "chunk2", "chunk4", "vmap")
   args.compile_reps = args.compile_reps or compile_reps
-  args.estimators = ("probe", "jvp")
+  args.estimators = ("probe", "jvp", "secant")
   if args.grid_models is None:
     args.grid_models = args.models
   if args.out is None:

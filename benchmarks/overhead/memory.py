@@ -26,6 +26,9 @@ MEMORY_VARIANTS = {
         k=HEADLINE_K, batching="chunk1", grouping="interleaved"),
     "Hi-DLR chunk1, probes on the gradient's batch (value= its loss)": Variant(
         k=HEADLINE_K, batching="chunk1", reuse_value=True),
+    "Hi-DLR secant (two gradients)": Variant(k=HEADLINE_K, estimator="secant"),
+    "Hi-DLR secant, the gradient's batch (value=, grad=: one gradient)": Variant(
+        k=HEADLINE_K, estimator="secant", reuse_value=True),
     "not Hi-DLR: Adam with a lax.cond on its direction (one forward)": Variant(
         k=HEADLINE_K, bare_cond=True),
     "not Hi-DLR: the same, the branch recomputing the direction": Variant(

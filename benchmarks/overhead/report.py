@@ -15,7 +15,7 @@ from benchmarks.overhead.hlo import compile_table
 from benchmarks.overhead.memory import fault_table, memory_table
 from benchmarks.overhead.steps import HEADLINE_K, HEADLINE_PHI, Bench, auto_batching
 from benchmarks.overhead.tables import table
-from benchmarks.overhead.timing import CLOCK, batching_table, grid, headline
+from benchmarks.overhead.timing import CLOCK, batching_table, grid, headline, k_scan
 
 
 def environment() -> str:
@@ -78,6 +78,8 @@ def model_section(name: str, args: argparse.Namespace) -> tuple[list[str], dict]
     text = grid(bench, args.ks, args.estimators, ["vmap", "chunk1"], args.phis, grid_reps,
                 clock)
     out += [f"### K x estimator x probe batching ({grid_reps} reps)", "", text, ""]
+    text = k_scan(bench, args.scan_ks, args.estimators, grid_reps, clock)
+    out += [f"### Refresh step against K, interleaved groups ({grid_reps} reps)", "", text, ""]
   return out, summary
 
 

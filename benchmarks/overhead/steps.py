@@ -31,7 +31,7 @@ class Variant:
   update_every: int = HEADLINE_PHI
   grouping: str = "layers"
   joint_check: bool = True
-  reuse_value: bool = False  # probe the gradient's batch and pass value=loss
+  reuse_value: bool = False  # probe the gradient's batch and pass value=loss, grad=grads
   refresh: Union[bool, None] = None  # None: Hi-DLR's own schedule; a bool: the caller's
   bare_cond: bool = False  # not Hi-DLR: Adam, then only a lax.cond on the direction
   bare_probes: int = 0  # with bare_cond: forwards in the cond's loop (0: one forward)
@@ -158,7 +158,7 @@ def train_step(model: _models.Model, tx, v: Variant) -> Callable:
     if v.is_base:
       extra = {}
     elif v.reuse_value:
-      extra = {"value_fn": lambda p: model.loss(p, frozen, batch), "value": loss}
+      extra = {"value_fn": lambda p: model.loss(p, frozen, batch), "value": loss, "grad": grads}
     else:
       extra = {"value_fn": lambda p: model.loss(p, frozen, probe_batch)}
     if not v.is_base:

@@ -162,9 +162,10 @@ def headline(bench: Bench, reps: int, clock: Callable[[], float] = time.perf_cou
 def grid(bench: Bench, ks: Sequence[int], estimators: Sequence[str],
          batchings: Sequence[str], phis: Sequence[int], reps: int,
          clock: Callable[[], float] = time.perf_counter) -> str:
-  """Step ratios for every (K, estimator, batching), amortised for every Phi."""
+  """Step ratios for every (K, estimator, batching), amortised for every Phi
+  (the batching only for the probe estimator, the one that has it)."""
   variants = [Variant(k=k, estimator=e, batching=b)
-              for k in ks for e in estimators for b in batchings]
+              for k in ks for e in estimators for b in (batchings if e == "probe" else ["-"])]
   thunks = {"base": bench.step_call(BASE)}
   for v in variants:
     thunks[v.label() + " non"] = bench.step_call(v, count=1)
@@ -181,6 +182,28 @@ def grid(bench: Bench, ks: Sequence[int], estimators: Sequence[str],
   return (f"base step: {ms(t['base']):.1f} ms (median). Amortised speed ratio for each"
           f" Phi, with the paper's {'PEFT' if peft else 'full-training'} bound in"
           f" brackets.\n\n" + table(header, rows))
+
+
+def k_scan(bench: Bench, ks: Sequence[int], estimators: Sequence[str], reps: int,
+           clock: Callable[[], float] = time.perf_counter) -> str:
+  """The refresh step against the number of groups, for every estimator.
+
+  Groups ``interleaved`` (every leaf's last axis dealt over the K groups),
+  the default probe batching; the ratio is the refresh step's time over the
+  same estimator's at K = 2.
+  """
+  variants = {(k, e): Variant(k=k, estimator=e, grouping="interleaved") for k in ks
+              for e in estimators}
+  thunks = {"base": bench.step_call(BASE)}
+  thunks.update({f"{k} {e}": bench.step_call(v, count=0) for (k, e), v in variants.items()})
+  t = interleaved(thunks, reps, clock)
+  rows = []
+  for k, e in variants:
+    reference = t[f"2 {e}"] if 2 in ks else t[f"{ks[0]} {e}"]
+    rows.append([k, e, ms(t[f"{k} {e}"]), float(np.median(t[f"{k} {e}"]) / np.median(reference)),
+                 speed(t, f"{k} {e}")])
+  return (f"base step: {ms(t['base']):.1f} ms (median).\n\n"
+          + table(["K", "estimator", "refresh step ms", "vs K = 2", "speed ratio vs base"], rows))
 
 
 def batching_table(bench: Bench, reps: int, batchings: Sequence[str],
