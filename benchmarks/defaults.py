@@ -18,10 +18,13 @@ from typing import Optional
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import _common as C  # noqa: E402
+import _methods as M  # noqa: E402
+import _training as T  # noqa: E402
 import additive_model  # noqa: E402
 import mixture_of_experts as moe  # noqa: E402
 import multitask  # noqa: E402
@@ -73,25 +76,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   results = {}
   rows = []
   with C.Timer() as timer:
-    for task, spec in C.tqdm(tasks(args.seed, args.quick).items(), desc="tasks"):
+    for task, spec in tqdm(tasks(args.seed, args.quick).items(), desc="tasks"):
       loss, metrics, params, train, test, base, labels, rate, every, epochs, batch = spec
       for variant, kw in VARIANTS.items():
-        method = C.hidlr_method(variant, base, rate, labels, update_every=every, **kw)
-        rec = C.train_minibatch(
+        method = M.hidlr_method(variant, base, rate, labels, update_every=every, **kw)
+        rec = T.train_minibatch(
             loss, metrics, params, method, train, test,
             epochs=epochs, batch_size=batch, seed=args.seed,
         )
         results[task, variant] = rec
         rows.append([
             task, variant, epochs, float(rec["train_loss"][-1]), float(rec["test_loss"][-1]),
-            "yes" if C.diverged(rec["train_loss"]) else "",
+            "yes" if T.diverged(rec["train_loss"]) else "",
         ])
   table = C.markdown_table(
       ["task", "variant", "epochs", "final train loss", "final test loss", "diverged"], rows
   )
   print(table)
   final = {key: float(rec["train_loss"][-1]) for key, rec in results.items()}
-  blew_up = {key: C.diverged(rec["train_loss"]) for key, rec in results.items()}
+  blew_up = {key: T.diverged(rec["train_loss"]) for key, rec in results.items()}
   task_names = list(dict.fromkeys(task for task, _ in results))
   ranks = []
   for variant in VARIANTS:
@@ -123,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   )
   print(verdict)
   body = f"""
-Hi-DLR with the core's defaults (`{C.hidlr_defaults()}`) against one change at a time, on four mini-batch tasks
+Hi-DLR with the core's defaults (`{M.hidlr_defaults()}`) against one change at a time, on four mini-batch tasks
 of `examples/` (fresh-batch probes; each task's base, groups, initial rate
 and `update_every` as in its script; fewer epochs). Judged on the final
 training loss. Wall time {timer.seconds:.0f} s.

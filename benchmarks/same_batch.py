@@ -1,8 +1,9 @@
 """What drives Hi-DLR's rates up when the probes use the gradient's own batch.
 
-Two problems, each trained with probes on an independently drawn batch
-("fresh") and on the gradient's own batch ("same", `value=loss`, the way
-optax's line searches are called):
+Two problems, each trained with :func:`hidlr_optax.make_train_step` with
+probes on an independently drawn batch (``probe="batch"``) and on the
+gradient's own batch (``probe="same"``, `value=loss`, the way optax's line
+searches are called):
 
 * letter recognition (the real 26-class task of
   ``examples/letter_recognition.py``: MLP 16-256-256-26, AdamW direction,
@@ -42,9 +43,9 @@ import hidlr_optax
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-import _realdata_common as rc  # noqa: E402
 import letter_recognition as letters  # noqa: E402
 from _common import markdown_table, mlp_apply, mlp_init  # noqa: E402
+from _methods import direction  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 UPDATE_EVERY = 8
@@ -52,27 +53,19 @@ UPDATE_EVERY = 8
 
 def train(loss_fn: Callable, params: Any, tx, batches: Callable[[int], tuple], steps: int,
           probe: str, full_loss: Callable[[Any], float]) -> dict:
-  """Trains with probes on the gradient's batch (``"same"``) or the next one.
+  """Trains with probes on the gradient's batch (``"same"``) or another one
+  (``"batch"``: batch ``steps + t`` at step ``t``).
 
   Returns the per-refresh records (rates, accepted, cut, joint factor) and
   the final full-data loss.
   """
-
-  @jax.jit
-  def step(params, state, batch, probe_batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    same = probe == "same"
-    updates, state = tx.update(
-        grads, state, params, value_fn=lambda p: loss_fn(p, batch if same else probe_batch),
-        value=loss if same else None,
-    )
-    return optax.apply_updates(params, updates), state
-
+  step = hidlr_optax.make_train_step(loss_fn, tx, probe=probe)
   state = tx.init(params)
   records = []
   for t in range(steps):
     before = hidlr_optax.learning_rates(state)
-    params, state = step(params, state, batches(t), batches(steps + t))
+    probe_batch = [] if probe == "same" else [batches(steps + t)]
+    params, state, _ = step(params, state, batches(t), *probe_batch)
     inner = hidlr_optax.find_states(state)[0]
     if t % UPDATE_EVERY == 0:
       fits = inner.fits.stacked
@@ -110,12 +103,14 @@ def phases_table(run: dict) -> str:
 
 #: The rules compared: name -> scale_by_hidlr options.
 RULES = {"paper rule": {}, "previous step": {"probe_direction": "previous"}}
+#: The probe modes compared (:func:`hidlr_optax.make_train_step`'s ``probe``).
+PROBES = ("batch", "same")
 
 
 def letter_runs(data_file: Path) -> list[tuple[str, dict]]:
   x, y, _, classes = letters.load_letters(data_file)
   (xtr, ytr), _ = letters.split_rows(x, y, letters.TRAIN_ROWS)
-  sizes = (letters.SIZES[0], *letters.SIZES[1:-1], max(letters.SIZES[-1], len(classes)))
+  sizes = letters.layer_sizes(len(classes))
   loss_fn = lambda p, b: optax.softmax_cross_entropy_with_integer_labels(
       mlp_apply(p, b[0]), b[1]).mean()
   full = jax.jit(lambda p: loss_fn(p, (xtr, ytr)))
@@ -131,11 +126,11 @@ def letter_runs(data_file: Path) -> list[tuple[str, dict]]:
     return xtr[idx], ytr[idx]
 
   out = []
-  for (rule, options), probe in itertools.product(RULES.items(), ("fresh", "same")):
-    tx = hidlr_optax.hidlr(rc.adamw_direction(1e-2), 1e-3, letters.GROUPS,
+  for (rule, options), probe in itertools.product(RULES.items(), PROBES):
+    tx = hidlr_optax.hidlr(direction("adamw", 1e-2), 1e-3, letters.GROUPS,
                            update_every=UPDATE_EVERY, **options)
     params = mlp_init(jax.random.key(0), sizes)
-    out.append((f"letters, {rule}, {probe}-batch probes",
+    out.append((f"letters, {rule}, probe={probe!r}",
                 train(loss_fn, params, tx, batches, steps, probe, lambda p: float(full(p)))))
   return out
 
@@ -170,10 +165,10 @@ def least_squares_runs() -> tuple[list[tuple[str, dict]], float]:
   directions = (("SGD", optax.identity()), ("Adam", optax.scale_by_adam()))
   out = []
   for (rule, options), (name, base), probe in itertools.product(
-      RULES.items(), directions, ("fresh", "same")):
+      RULES.items(), directions, PROBES):
     tx = hidlr_optax.hidlr(base, 1e-3, {"a": "a", "b": "b"}, update_every=UPDATE_EVERY, **options)
     params = {"a": jnp.zeros(dim // 2), "b": jnp.zeros(dim // 2)}
-    out.append((f"least squares, {rule}, {name}, {probe}-batch probes",
+    out.append((f"least squares, {rule}, {name}, probe={probe!r}",
                 train(loss_fn, params, tx, lambda t: jnp.asarray(index[t]), 800, probe, full)))
   lam = float(jnp.linalg.eigvalsh(x.T @ x / n).max())
   return out, 2 / lam

@@ -3,8 +3,9 @@
 Each benchmark compares, over several seeds, AdamW with hand-set schedules,
 the learning-rate-free optimizers Prodigy (Mishchenko & Defazio, 2024) and
 D-Adaptation (Defazio & Mishchenko, 2023), and Hi-ULR / Hi-DLR (Xu, Bu, Zhang
-& Barnett) on the same AdamW direction. Training is
-:func:`_common.train_minibatch`; this module builds the methods, runs them
+& Barnett) on the same AdamW direction. A script describes its task as a
+:class:`Task` (data, model, loss, budget), trained by
+:func:`_training.train_minibatch`; this module builds the methods, runs them
 over seeds with timing, and writes the table and the learning-rate figure.
 """
 
@@ -21,13 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax import contrib
 
 import hidlr_optax
 
-from _common import RESULTS_DIR, Method, Timer, markdown_table, plot_rates, save_figure
+from _common import RESULTS_DIR, Timer, markdown_table, plot_rates, save_figure
+from _methods import Method, direction, schedule
+from _training import train_minibatch
 
 Labels = Any
+Params = Any
 RateCurve = Callable[[np.ndarray, float], dict[str, np.ndarray]]
 
 
@@ -36,9 +39,10 @@ class Entry:
   """A method of a benchmark with how it is trained and plotted.
 
   Attributes:
-    method: the optimizer (see :class:`_common.Method`).
-    probe: ``"fresh"`` or ``"same"``: Hi-DLR's probe batch (ignored by others).
-    probe_batches: with ``probe="fresh"``, the probe batch is this many
+    method: the optimizer (see :class:`_methods.Method`).
+    probe: the probe mode of :func:`hidlr_optax.make_train_step`, ``"batch"``,
+      ``"split"`` or ``"same"`` (the others ignore their probes).
+    probe_batches: with ``probe="batch"``, the probe batch is this many
       mini-batches, drawn independently of the gradient's.
     rates: for a hand-set schedule, ``(steps, peak) -> {group: rate}`` for
       the plot;
@@ -46,13 +50,70 @@ class Entry:
   """
 
   method: Method
-  probe: str = "fresh"
+  probe: str = "batch"
   probe_batches: int = 1
   rates: Optional[RateCurve] = None
 
   @property
   def name(self) -> str:
     return self.method.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A real-data task: its data, model, loss and training budget.
+
+  Attributes:
+    loss_fn: ``(params, x, y) -> scalar``, the training loss.
+    metrics_fn: ``(params, x, y) -> {name: scalar}`` on a whole split.
+    init: ``seed -> params``, the initialisation of a seed.
+    train: ``(x, y)`` training arrays.
+    test: ``(x, y)`` test arrays.
+    epochs: passes over the training set.
+    batch_size: mini-batch size.
+    labels: Hi-DLR's groups (a label pytree) of the task's main grouping.
+    columns: ``(metric key, column title)`` of the results tables, the first
+      being the score that picks grid points.
+    larger_is_better: whether a larger score is better.
+    summarise: ``history -> {metric: value}`` of one run, with every key of
+      ``columns``.
+    evaluate_initial: whether the metrics include the initial parameters
+      (see :func:`_training.train_minibatch`).
+    info: what the script's report says of the data and model beyond these
+      (e.g. the data's source), by name.
+  """
+
+  loss_fn: Callable[..., jax.Array]
+  metrics_fn: Callable[..., dict]
+  init: Callable[[int], Params]
+  train: tuple[np.ndarray, np.ndarray]
+  test: tuple[np.ndarray, np.ndarray]
+  epochs: int
+  batch_size: int
+  labels: Labels
+  columns: Sequence[tuple[str, str]]
+  larger_is_better: bool
+  summarise: Callable[[Mapping[str, Any]], dict[str, float]]
+  evaluate_initial: bool = True
+  info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def steps(self) -> int:
+    """Training steps of a run."""
+    return self.epochs * (len(self.train[0]) // self.batch_size)
+
+  @property
+  def score(self) -> str:
+    """The metric that picks grid points (the first column's)."""
+    return self.columns[0][0]
+
+  def run(self, entry: Entry, seed: int) -> dict:
+    """Trains ``entry`` from seed ``seed``'s initialisation and batch order."""
+    return train_minibatch(
+        self.loss_fn, self.metrics_fn, self.init(seed), entry.method, self.train, self.test,
+        epochs=self.epochs, batch_size=self.batch_size, seed=seed, probe=entry.probe,
+        probe_batches=entry.probe_batches, evaluate_initial=self.evaluate_initial,
+    )
 
 
 def benchmark_parser(
@@ -113,8 +174,7 @@ def hidlr_options(args: argparse.Namespace, steps: Optional[int] = None) -> dict
   Weight decay, ``update_every`` and ``joint_check`` from their flags, then
   ``--hidlr-kwargs`` (which wins over them), for :func:`hidlr_entry`. In
   ``--hidlr-kwargs``, ``"schedule"`` may name a decay of the applied step
-  over the run's ``steps`` (``"linear"`` or ``"cosine"``, to 0) and
-  ``"direction"`` the base (see :func:`direction`).
+  over the run's ``steps`` (``"linear"`` or ``"cosine"``, to 0).
   """
   base = dict(
       weight_decay=args.weight_decay, update_every=args.update_every,
@@ -126,40 +186,6 @@ def hidlr_options(args: argparse.Namespace, steps: Optional[int] = None) -> dict
       raise ValueError("a named Hi-DLR schedule needs the run's number of steps")
     options["schedule"] = schedule(options["schedule"], 1.0, steps)
   return options
-
-
-def direction(name: str, weight_decay: float) -> optax.GradientTransformation:
-  """The base direction of the Hi-DLR rows, not negated.
-
-  ``"adamw"``: :func:`adamw_direction`; ``"prodigy"`` / ``"dadapt"``: the
-  step of Prodigy / D-Adaptation AdamW (rate 1, same weight decay), negated
-  back into a direction, so that with ``ratios_only=True`` and initial
-  rates 1 the peer sets the overall scale and Hi-DLR the ratios between
-  groups.
-  """
-  peers = {"prodigy": contrib.prodigy, "dadapt": contrib.dadapt_adamw}
-  if name == "adamw":
-    return adamw_direction(weight_decay)
-  return optax.chain(peers[name](weight_decay=weight_decay), optax.scale(-1.0))
-
-
-def adamw_direction(weight_decay: float) -> optax.GradientTransformation:
-  """AdamW's direction ``m_hat / (sqrt(v_hat) + eps) + lambda w`` (not negated)."""
-  return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))
-
-
-def schedule(kind: str, peak: float, steps: int, warmup_fraction: float = 0.0) -> optax.Schedule:
-  """``"constant"``, ``"linear"`` (to 0) or ``"cosine"`` (to 0), after a linear warm-up."""
-  warmup = int(round(warmup_fraction * steps))
-  decay_steps = max(steps - warmup, 1)
-  main = {
-      "constant": lambda: optax.constant_schedule(peak),
-      "linear": lambda: optax.linear_schedule(peak, 0.0, decay_steps),
-      "cosine": lambda: optax.cosine_decay_schedule(peak, decay_steps),
-  }[kind]()
-  if warmup == 0:
-    return main
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
 def scheduled_adamw(
@@ -183,7 +209,7 @@ def scheduled_adamw(
   def make(peak):
     def by_group(scale: float) -> optax.GradientTransformation:
       return optax.chain(
-          adamw_direction(weight_decay),
+          direction("adamw", weight_decay),
           optax.scale_by_learning_rate(lambda t: scale * peak * unit(t)),
       )
 
@@ -209,40 +235,29 @@ def hidlr_entry(
     *,
     weight_decay: float,
     update_every: int,
-    probe: str = "fresh",
+    probe: str = "batch",
     probe_batches: int = 1,
     **kwargs,
 ) -> Entry:
   """Hi-DLR (``labels=None``: Hi-ULR) on the AdamW direction.
 
-  ``kwargs`` go to :func:`hidlr_optax.scale_by_hidlr` (e.g. ``fit="full"``),
-  except ``direction``, which names another base (see :func:`direction`),
-  and ``per_example``: ``True`` gives ``value_fn`` the probe batch's
-  per-example losses (noise-aware fits; see :class:`_common.Method`).
+  ``kwargs`` go to :func:`hidlr_optax.scale_by_hidlr` (e.g. ``fit="full"``).
   """
-  base = direction(kwargs.pop("direction", "adamw"), weight_decay)
-  per_example = bool(kwargs.pop("per_example", False))
   make = lambda _: hidlr_optax.hidlr(
-      base, learning_rate, labels, update_every=update_every, **kwargs,
+      direction("adamw", weight_decay), learning_rate, labels,
+      update_every=update_every, **kwargs,
   )
-  method = Method(name, make, hidlr=True, per_example=per_example)
-  return Entry(method, probe=probe, probe_batches=probe_batches)
+  return Entry(Method(name, make, hidlr=True), probe=probe, probe_batches=probe_batches)
 
+
+#: The learning-rate-free peers of the real-data benchmarks, at their default
+#: rate 1 with the AdamW rows' weight decay (:func:`_methods.learning_rate_free`).
+PEERS = ("Prodigy", "D-Adaptation")
 
 #: The "4x probe batch" rows: each fresh probe batch joins this many
 #: mini-batches, so the probes' loss values are less noisy than the
 #: gradient's (at this many times the probe forwards' cost).
 LARGE_PROBE_BATCHES = 4
-
-
-def learning_rate_free(weight_decay: float) -> list[Entry]:
-  """Prodigy and D-Adaptation AdamW at their default rate 1, same weight decay."""
-  return [
-      Entry(Method("Prodigy", lambda _: contrib.prodigy(weight_decay=weight_decay))),
-      Entry(
-          Method("D-Adaptation", lambda _: contrib.dadapt_adamw(weight_decay=weight_decay))
-      ),
-  ]
 
 
 @dataclasses.dataclass
@@ -284,8 +299,8 @@ def run_seeds(
   Args:
     entries: the methods.
     seeds: the seeds.
-    train: ``(entry, seed) -> history`` (a :func:`_common.train_minibatch`
-      record).
+    train: ``(entry, seed) -> history`` (a :func:`_training.train_minibatch`
+      record), e.g. :meth:`Task.run`.
     summarise: ``history -> {metric: value}`` for one grid point.
     select_by: the metric that picks a grid point.
     larger_is_better: whether a larger ``select_by`` is better.
@@ -352,22 +367,19 @@ def classification_summary(history: Mapping[str, Any]) -> dict[str, float]:
   return {k: float(history[k][-1]) for k in ("test_accuracy", "test_loss", "train_loss")}
 
 
+#: The columns of a classification task (:func:`classification_summary`'s keys).
+CLASSIFICATION_COLUMNS = (
+    ("test_accuracy", "test accuracy"), ("test_loss", "test loss"), ("train_loss", "train loss"),
+)
+
+
 def classification_table(runs: Mapping[str, SeedRuns]) -> str:
   """:func:`seeds_table` with test accuracy, test loss and train loss."""
-  return seeds_table(
-      runs,
-      [("test_accuracy", "test accuracy"), ("test_loss", "test loss"), ("train_loss", "train loss")],
-  )
+  return seeds_table(runs, CLASSIFICATION_COLUMNS)
 
 
 def fit_table(runs: Mapping[str, SeedRuns]) -> str:
-  """Hi-DLR diagnostics of the first seed: final rate and accepted refreshes.
-
-  With per-example losses (``{"per_example": true}`` in ``--hidlr-kwargs``),
-  also the refreshes whose fit was noise-dominated (``-`` for the rows
-  without them).
-  """
-  noisy = any("num_noisy" in r.history for r in runs.values())
+  """Hi-DLR diagnostics of the first seed: final rate and accepted refreshes."""
   rows = []
   for name, r in runs.items():
     if "num_accepted" not in r.history:
@@ -375,26 +387,15 @@ def fit_table(runs: Mapping[str, SeedRuns]) -> str:
     total = r.history["num_refreshes"]
     for label, count in r.history["num_accepted"].items():
       rate = float(np.asarray(r.history["lr"][label])[-1])
-      row = [name, label, f"{rate:.3g}", f"{int(count)} / {total}"]
-      if noisy:
-        counts = r.history.get("num_noisy")
-        row.append("-" if counts is None else f"{int(counts[label])} / {total}")
-      rows.append(row)
-  header = ["method", "group", "final rate", "accepted refreshes"]
-  return markdown_table(header + (["noise-dominated"] if noisy else []), rows)
+      rows.append([name, label, f"{rate:.3g}", f"{int(count)} / {total}"])
+  return markdown_table(["method", "group", "final rate", "accepted refreshes"], rows)
 
 
 def fit_section(runs: Mapping[str, SeedRuns]) -> str:
   """The results files' paragraph on Hi-DLR's fits, with :func:`fit_table`."""
-  noisy = any("num_noisy" in r.history for r in runs.values())
-  snr = (
-      " With per-example losses the rule also asks\n"
-      "b / se(b) >= min_snr and A / se(A) >= min_snr (standard errors over the probe batch's\n"
-      "examples); \"noise-dominated\": refreshes above resolution that failed this."
-  ) if noisy else ""
   return (
       "Hi-DLR fit diagnostics, seed 0: the rate at the end and how many refreshes passed the\n"
-      f"acceptance rule (b > 0, A > 0, R^2 >= 0.95) for each group.{snr}\n\n" + fit_table(runs)
+      "acceptance rule (b > 0, A > 0, R^2 >= 0.95) for each group.\n\n" + fit_table(runs)
   )
 
 

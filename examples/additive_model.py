@@ -33,6 +33,8 @@ import numpy as np
 import hidlr_optax
 
 import _common as C
+import _methods as M
+import _training as T
 
 HIDDEN = (32, 32)
 CALIFORNIA_FEATURES = (
@@ -102,18 +104,18 @@ def metrics_fn(params: dict, x: jax.Array, y: jax.Array) -> dict:
   return {"loss": loss_fn(params, x, y)}
 
 
-def methods(task: str, names: Sequence[str], quick: bool) -> list[C.Method]:
+def methods(task: str, names: Sequence[str], quick: bool) -> list[M.Method]:
   base, _, every, grid, rate = SETTINGS[task]
   groups = labels(names)
   same_batch = [] if quick else [
-      C.hidlr_method("Hi-DLR, same-batch probes", base, rate, groups, update_every=every)
+      M.hidlr_method("Hi-DLR, same-batch probes", base, rate, groups, update_every=every)
   ]
   return [
-      C.hidlr_method(f"Hi-DLR ({len(names)} features + bias)", base, rate, groups, update_every=every),
+      M.hidlr_method(f"Hi-DLR ({len(names)} features + bias)", base, rate, groups, update_every=every),
       *same_batch,
-      C.hidlr_method("Hi-ULR (GeN)", base, rate, update_every=every),
-      C.uniform_grid(base, grid),
-      *C.learning_rate_free(base, quick),
+      M.hidlr_method("Hi-ULR (GeN)", base, rate, update_every=every),
+      M.uniform_grid(base, grid),
+      *M.learning_rate_free(base, names=M.PEERS[:1] if quick else M.PEERS),
   ]
 
 
@@ -128,7 +130,7 @@ def run_task(
   chosen = [m for m in methods(task, names, quick) if only is None or only(m.name)]
   same = {m.name: "same" for m in chosen if "same-batch" in m.name}
   with C.Timer() as timer:
-    results = C.run_minibatch_methods(
+    results = T.run_minibatch_methods(
         chosen, loss_fn, metrics_fn, init_params(jax.random.key(seed), len(names)), train, test,
         epochs=epochs, batch_size=256, seed=seed, probes=same,
     )
@@ -176,12 +178,12 @@ def write_task(task: str, results: dict, info: dict, out_dir, command: str) -> N
   print(f"\n{task}\n{table}")
   hidlr_name = next(m for m in results if m.startswith("Hi-DLR ("))
   final = {k: float(v[-1]) for k, v in results[hidlr_name]["lr"].items()}
-  diverged = [m for m, r in results.items() if C.diverged(r["train_loss"])]
+  diverged = [m for m, r in results.items() if T.diverged(r["train_loss"])]
   body = f"""
 Data: {info['source']}; {info['n_train']} train / {info['n_test']} test rows.
 Base {info['base']}, {info['epochs']} epochs, batch 256, Hi-DLR / Hi-ULR with
 `update_every={info['every']}`, initial rate {info['rate']:g}, other settings
-the core's defaults (`{C.hidlr_defaults()}`). Wall time {info['seconds']:.0f} s.
+the core's defaults (`{M.hidlr_defaults()}`). Wall time {info['seconds']:.0f} s.
 
 {table}
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,8 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     command_line, load_california_housing, mlp_apply, mlp_init,
-    standardize, train_minibatch, train_test_split, write_results,
+    standardize, train_test_split, write_results,
 )
+from _methods import learning_rate_free  # noqa: E402
 import _realdata_common as rc  # noqa: E402
 
 
@@ -97,47 +98,63 @@ def build_entries(args, steps: int, groups: dict[str, Any]) -> list[rc.Entry]:
       rc.scheduled_adamw(f"AdamW {kind}", kind, args.peaks, steps, weight_decay=wd)
       for kind in ("constant", "linear", "cosine")
   ]
-  return [*hidlr, own, large_probe, full, hiulr, *rc.learning_rate_free(wd), *schedules]
+  return [
+      *hidlr, own, large_probe, full, hiulr,
+      *(rc.Entry(m) for m in learning_rate_free(weight_decay=wd, names=rc.PEERS)),
+      *schedules,
+  ]
+
+
+def summarise(history: Mapping[str, Any]) -> dict[str, float]:
+  """Final and best test MSE and final train MSE of one run."""
+  return {
+      "test_mse": float(history["test_mse"][-1]),
+      "best_test_mse": float(np.nanmin(history["test_mse"])),
+      "train_mse": float(history["train_mse"][-1]),
+  }
+
+
+def make_task(args: argparse.Namespace) -> rc.Task:
+  """The task of ``args`` (``--quick``: 2 epochs).
+
+  Its groups are the model's first grouping's; ``info`` holds every
+  grouping (``groups``), the model's ``description`` and the data's
+  ``source``.
+  """
+  x, y, source = load_california_housing()
+  (xtr, ytr), (xte, yte) = train_test_split(x, y, 0.2, seed=0)
+  xtr, xte = standardize(xtr, xte)
+  init, predict, groups, description = make_model(args.model)
+
+  def loss_fn(p, x, y):
+    return jnp.mean((predict(p, x) - y) ** 2)
+
+  return rc.Task(
+      loss_fn, lambda p, x, y: {"mse": loss_fn(p, x, y)}, init,
+      (xtr.astype(np.float32), ytr.astype(np.float32)),
+      (xte.astype(np.float32), yte.astype(np.float32)),
+      epochs=2 if args.quick else args.epochs, batch_size=args.batch_size,
+      labels=next(iter(groups.values())),
+      columns=[("test_mse", "final test MSE"), ("best_test_mse", "best test MSE"),
+               ("train_mse", "final train MSE")],
+      larger_is_better=False, summarise=summarise,
+      info={"groups": groups, "description": description, "source": source},
+  )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   args = parse_args(argv)
   seeds = [0] if args.quick else list(range(args.seeds))
-  epochs = 2 if args.quick else args.epochs
-  x, y, source = load_california_housing()
-  (xtr, ytr), (xte, yte) = train_test_split(x, y, 0.2, seed=0)
-  xtr, xte = standardize(xtr, xte)
-  train = (xtr.astype(np.float32), ytr.astype(np.float32))
-  test = (xte.astype(np.float32), yte.astype(np.float32))
-  init, predict, groups, description = make_model(args.model)
-  steps = epochs * (len(xtr) // args.batch_size)
-
-  def loss_fn(p, x, y):
-    return jnp.mean((predict(p, x) - y) ** 2)
-
-  def metrics_fn(p, x, y):
-    return {"mse": loss_fn(p, x, y)}
-
-  def run(entry: rc.Entry, seed: int) -> dict:
-    return train_minibatch(
-        loss_fn, metrics_fn, init(seed), entry.method, train, test,
-        epochs=epochs, batch_size=args.batch_size, seed=seed, probe=entry.probe,
-        probe_batches=entry.probe_batches,
-    )
-
-  entries = build_entries(args, steps, groups)
+  task = make_task(args)
+  epochs, steps = task.epochs, task.steps
+  xtr, xte = task.train[0], task.test[0]
+  description, source = task.info["description"], task.info["source"]
+  entries = build_entries(args, steps, task.info["groups"])
   entries = rc.only_methods(entries, args.methods)
-  summarise = lambda h: {
-      "test_mse": float(h["test_mse"][-1]),
-      "best_test_mse": float(np.nanmin(h["test_mse"])),
-      "train_mse": float(h["train_mse"][-1]),
-  }
-  runs = rc.run_seeds(entries, seeds, run, summarise, "test_mse", larger_is_better=False)
-  table = rc.seeds_table(
-      runs,
-      [("test_mse", "final test MSE"), ("best_test_mse", "best test MSE"),
-       ("train_mse", "final train MSE")],
+  runs = rc.run_seeds(
+      entries, seeds, task.run, task.summarise, task.score, task.larger_is_better
   )
+  table = rc.seeds_table(runs, task.columns)
   print(table)
   name = f"california_{args.model}" + ("_quick" if args.quick else "")
   figure = rc.rate_figure(entries, runs, args.out, name)

@@ -56,14 +56,16 @@ PER_COORDINATE = {"x": "x", "y": "y"}
 
 
 def run(tx: optax.GradientTransformation, loss: Callable, start: Params, steps: int):
-  """Gradient descent with ``tx``; returns the loss after every step and the state."""
+  """Gradient descent with ``tx``; returns the loss after every step and the state.
+
+  Full batch: the probes see the gradient's batch (``probe="same"``), here
+  the whole function, an empty batch ``()``.
+  """
   params = {k: jnp.asarray(v, jnp.float32) for k, v in start.items()}
+  train_step = hidlr_optax.make_train_step(lambda p, _: loss(p), tx, probe="same")
 
   def step(carry, _):
-    params, state = carry
-    value, grads = jax.value_and_grad(loss)(params)
-    updates, state = tx.update(grads, state, params, value_fn=loss, value=value)
-    params = optax.apply_updates(params, updates)
+    params, state, _ = train_step(*carry, ())
     return (params, state), loss(params)
 
   (_, state), losses = jax.jit(

@@ -32,7 +32,8 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command_line, train_minibatch, write_results  # noqa: E402
+from _common import command_line, write_results  # noqa: E402
+from _methods import learning_rate_free  # noqa: E402
 import _realdata_common as rc  # noqa: E402
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -142,20 +143,17 @@ def build_entries(args, steps: int, params) -> list[rc.Entry]:
       f"Hi-DLR (head), {rc.LARGE_PROBE_BATCHES}x probe batch", lr, groups["head"],
       **common, probe_batches=rc.LARGE_PROBE_BATCHES,
   )
-  return [*hidlr, own, larger, hiulr, *rc.learning_rate_free(wd), *schedules]
+  peers = [rc.Entry(m) for m in learning_rate_free(weight_decay=wd, names=rc.PEERS)]
+  return [*hidlr, own, larger, hiulr, *peers, *schedules]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-  args = parse_args(argv)
-  seeds = [0] if args.quick else list(range(args.seeds))
-  epochs = 1 if args.quick else args.epochs
-  batch = 100 if args.quick else args.batch_size
+def make_task(args: argparse.Namespace) -> rc.Task:
+  """The task of ``args`` (``--quick``: 2,000 images, 1 epoch of batch 100)."""
   train, test = load_fashion_mnist(
       args.data_dir, *((2000, 1000) if args.quick else (args.train_size, None))
   )
   model = CNN(widths=tuple(args.widths))
   init = lambda seed: model.init(jax.random.key(seed), train[0][:1])["params"]
-  steps = epochs * (len(train[0]) // batch)
 
   def loss_fn(p, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
@@ -171,16 +169,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     losses, accs = jax.lax.map(one, chunks)
     return {"loss": losses.mean(), "accuracy": accs.mean()}
 
-  def run(entry: rc.Entry, seed: int) -> dict:
-    return train_minibatch(
-        loss_fn, metrics_fn, init(seed), entry.method, train, test,
-        epochs=epochs, batch_size=batch, seed=seed, probe=entry.probe,
-        probe_batches=entry.probe_batches,
-    )
+  return rc.Task(
+      loss_fn, metrics_fn, init, train, test, epochs=1 if args.quick else args.epochs,
+      batch_size=100 if args.quick else args.batch_size,
+      labels=groupings(init(0))["head"], columns=rc.CLASSIFICATION_COLUMNS,
+      larger_is_better=True, summarise=rc.classification_summary,
+  )
 
-  entries = build_entries(args, steps, init(0))
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  args = parse_args(argv)
+  seeds = [0] if args.quick else list(range(args.seeds))
+  task = make_task(args)
+  train, test, epochs, batch, steps = task.train, task.test, task.epochs, task.batch_size, task.steps
+  entries = build_entries(args, steps, task.init(0))
   entries = rc.only_methods(entries, args.methods)
-  runs = rc.run_seeds(entries, seeds, run, rc.classification_summary, "test_accuracy")
+  runs = rc.run_seeds(entries, seeds, task.run, task.summarise, task.score)
   table = rc.classification_table(runs)
   print(table)
   name = "fashion_mnist" + ("_quick" if args.quick else "_cpu" if args.cpu else "")

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bert  # noqa: E402
-from _common import command_line, train_minibatch, write_results  # noqa: E402
+from _common import command_line, write_results  # noqa: E402
+from _methods import learning_rate_free  # noqa: E402
 import _realdata_common as rc  # noqa: E402
 
 CACHE_DIR = Path(tempfile.gettempdir()) / "hidlr_optax_cache"
@@ -93,9 +94,10 @@ def cached_features(
   return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-  args = parse_args(argv)
-  seeds = [0] if args.quick else list(range(args.seeds))
+def make_task(args: argparse.Namespace) -> rc.Task:
+  """The task of ``args`` (``--quick``: 200 / 100 reviews), on the frozen
+  layers' cached output; its groups are LoRA A, LoRA B and the head, and
+  ``info["stop"]`` the number of frozen layers ``0..stop-1``."""
   texts_tr, y_tr, texts_te, y_te = load_reviews(args.quick)
   model, params, tokenizer = bert.load_minilm(2, args.rank, args.lora_layers)
   stop = model.config.num_hidden_layers - args.lora_layers
@@ -103,7 +105,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       cached_features(model, params, *tokenizer.encode_batch(t, args.max_length), stop)
       for t in (texts_tr, texts_te)
   )
-  steps = args.epochs * (len(x_tr) // args.batch_size)
 
   def loss_and_logits(trainable, frozen, x, y):
     h, mask = x[..., :-1], x[..., -1]
@@ -117,32 +118,37 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   frozen = {k: v for k, v in frozen.items() if _in_top(k, stop)}
   dummy = jnp.zeros((1, 4), jnp.int32)
 
-  def make_train(entry: rc.Entry, seed: int) -> dict:
+  def init(seed: int):
     fresh = model.init(jax.random.key(seed), dummy, jnp.ones_like(dummy))["params"]
-    trainable, _ = bert.split_trainable(fresh)
-    loss = lambda p, x, y: loss_and_logits(p, frozen, x, y)[0]
+    return bert.split_trainable(fresh)[0]
 
-    def metrics(p, x, y):  # chunks of 20 reviews: faster on CPU than 100
-      chunks = (x.reshape(-1, 20, *x.shape[1:]), y.reshape(-1, 20))
+  def metrics(p, x, y):  # chunks of 20 reviews: faster on CPU than 100
+    chunks = (x.reshape(-1, 20, *x.shape[1:]), y.reshape(-1, 20))
 
-      def one(c):
-        value, logits = loss_and_logits(p, frozen, *c)
-        return value, jnp.mean(jnp.argmax(logits, -1) == c[1])
+    def one(c):
+      value, logits = loss_and_logits(p, frozen, *c)
+      return value, jnp.mean(jnp.argmax(logits, -1) == c[1])
 
-      values, accs = jax.lax.map(one, chunks)
-      return {"loss": values.mean(), "accuracy": accs.mean()}
+    values, accs = jax.lax.map(one, chunks)
+    return {"loss": values.mean(), "accuracy": accs.mean()}
 
-    return train_minibatch(
-        loss, metrics, trainable, entry.method, (x_tr, y_tr), (x_te, y_te),
-        epochs=args.epochs, batch_size=args.batch_size, seed=seed, probe=entry.probe,
-        probe_batches=entry.probe_batches, evaluate_initial=False,
-    )
+  return rc.Task(
+      lambda p, x, y: loss_and_logits(p, frozen, x, y)[0], metrics, init,
+      (x_tr, y_tr), (x_te, y_te), epochs=args.epochs, batch_size=args.batch_size,
+      labels=bert.lora_labels(bert.split_trainable(params)[0]),
+      columns=rc.CLASSIFICATION_COLUMNS, larger_is_better=True,
+      summarise=rc.classification_summary, evaluate_initial=False, info={"stop": stop},
+  )
 
-  labels = bert.lora_labels(bert.split_trainable(params)[0])
-  entries = build_entries(args, steps, labels)
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  args = parse_args(argv)
+  seeds = [0] if args.quick else list(range(args.seeds))
+  task = make_task(args)
+  entries = build_entries(args, task.steps, task.labels)
   entries = rc.only_methods(entries, args.methods)
-  runs = rc.run_seeds(entries, seeds, make_train, rc.classification_summary, "test_accuracy")
-  report(args, argv, entries, runs, steps, stop)
+  runs = rc.run_seeds(entries, seeds, task.run, task.summarise, task.score)
+  report(args, argv, entries, runs, task.steps, task.info["stop"])
   return runs
 
 
@@ -165,7 +171,7 @@ def build_entries(args: argparse.Namespace, steps: int, labels) -> list[rc.Entry
           "LoRA+ (eta_B = 16 eta_A)", "cosine", peaks, steps, weight_decay=wd,
           warmup_fraction=0.03, group_scales=groups, labels=labels,
       ),
-      *rc.learning_rate_free(wd),
+      *(rc.Entry(m) for m in learning_rate_free(weight_decay=wd, names=rc.PEERS)),
       rc.hidlr_entry("Hi-ULR (GeN)", lr, None, **common),
       rc.hidlr_entry(
           "Hi-DLR A/B/head, own-batch probes", lr, labels,

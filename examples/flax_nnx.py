@@ -2,11 +2,12 @@
 
 ``nnx.Optimizer.update(model, grads, **kwargs)`` forwards its keyword
 arguments to ``tx.update``, whose ``params`` is the *pure* parameter state
-(an ``nnx.State`` of arrays). So ``value_fn`` takes that state: split the
-model once into its graph definition, parameters and everything else with
-``nnx.split``, and rebuild a model from the probed parameters with
-``nnx.merge`` -- all inside the ``nnx.jit``-ed training step. The probes use
-the *next* mini-batch: on the gradient's own batch the rates overshoot.
+(an ``nnx.State`` of arrays). So ``value_fn`` takes that state: the model is
+split into its graph definition, parameters and everything else with
+``nnx.split``, and a model is rebuilt from the probed parameters with
+``nnx.merge`` -- all inside the ``nnx.jit``-ed training step that
+:func:`hidlr_optax.make_nnx_train_step` builds. The probes use the *next*
+mini-batch: on the gradient's own batch the rates overshoot.
 
 An MLP on scikit-learn's digits, two groups: the head and the body
 (:func:`hidlr_optax.labels.head_vs_body`), Adam directions.
@@ -47,22 +48,9 @@ def cross_entropy(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-@nnx.jit
-def train_step(
-    model: nnx.Module,
-    optimizer: nnx.Optimizer,
-    batch: tuple[jax.Array, jax.Array],
-    probe_batch: tuple[jax.Array, jax.Array],
-) -> jax.Array:
-  """One step; ``value_fn`` evaluates ``probe_batch`` at probed parameters."""
-  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-
-  def value_fn(params: nnx.State) -> jax.Array:
-    return cross_entropy(nnx.merge(graphdef, params, rest), *probe_batch)
-
-  loss, grads = nnx.value_and_grad(cross_entropy)(model, *batch)
-  optimizer.update(model, grads, value_fn=value_fn)
-  return loss
+#: ``train_step(model, optimizer, batch, probe_batch) -> loss``: one step, its
+#: ``value_fn`` evaluating ``probe_batch`` at the probed parameters.
+train_step = hidlr_optax.make_nnx_train_step(lambda model, batch: cross_entropy(model, *batch))
 
 
 @nnx.jit

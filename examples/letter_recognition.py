@@ -40,9 +40,10 @@ import rdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    command_line, diverged, markdown_table, mlp_apply, mlp_init, standardize,
-    train_minibatch, write_results,
+    command_line, markdown_table, mlp_apply, mlp_init, standardize, write_results,
 )
+from _methods import learning_rate_free  # noqa: E402
+from _training import diverged  # noqa: E402
 import _realdata_common as rc  # noqa: E402
 
 DATA_FILE = Path("/usr/lib/R/site-library/mlbench/data/LetterRecognition.rda")
@@ -121,7 +122,7 @@ def build_entries(args: argparse.Namespace, steps: int) -> list[rc.Entry]:
   wd, lr = args.weight_decay, args.lr
   common = rc.hidlr_options(args, steps)
   hidlr = [
-      rc.hidlr_entry("Hi-DLR, fresh-batch probes", lr, GROUPS, **common),
+      rc.hidlr_entry("Hi-DLR, fresh-batch probes", lr, GROUPS, **common, probe="batch"),
       rc.hidlr_entry("Hi-DLR, same-batch probes", lr, GROUPS, **common, probe="same"),
       rc.hidlr_entry("Hi-DLR, split batch", lr, GROUPS, **common, probe="split"),
       rc.hidlr_entry(
@@ -134,7 +135,8 @@ def build_entries(args: argparse.Namespace, steps: int) -> list[rc.Entry]:
       rc.scheduled_adamw(f"AdamW {kind}", kind, args.peaks, steps, weight_decay=wd)
       for kind in ("constant", "linear", "cosine")
   ]
-  return [*hidlr, *rc.learning_rate_free(wd), *schedules]
+  peers = [rc.Entry(m) for m in learning_rate_free(weight_decay=wd, names=rc.PEERS)]
+  return [*hidlr, *peers, *schedules]
 
 
 def summarise(history: Mapping[str, Any]) -> dict[str, float]:
@@ -173,17 +175,19 @@ def grid_table(runs: Mapping[str, rc.SeedRuns]) -> str:
   return markdown_table(header, rows)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-  args = parse_args(argv)
-  seeds = [0] if args.quick else list(range(args.seeds))
-  epochs = 1 if args.quick else args.epochs
+def layer_sizes(num_classes: int) -> tuple[int, ...]:
+  """The MLP's widths, its output as wide as the data's classes (at least 26)."""
+  return (SIZES[0], *SIZES[1:-1], max(SIZES[-1], num_classes))
+
+
+def make_task(args: argparse.Namespace) -> rc.Task:
+  """The task of ``args`` (``--quick``: 1 epoch); ``info`` holds the data
+  file's number of ``rows``, the ``features``' and the ``classes``' names."""
   x, y, features, classes = load_letters(args.data_file)
   if len(features) != SIZES[0]:
     raise ValueError(f"{args.data_file}: {len(features)} features, {SIZES[0]} expected")
   train, test = split_rows(x, y, args.train_rows)
-  sizes = (SIZES[0], *SIZES[1:-1], max(SIZES[-1], len(classes)))
-  init = lambda seed: mlp_init(jax.random.key(seed), sizes)
-  steps = epochs * (len(train[0]) // args.batch_size)
+  sizes = layer_sizes(len(classes))
 
   def loss_fn(p, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(mlp_apply(p, x), y).mean()
@@ -195,15 +199,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
     }
 
-  def run(entry: rc.Entry, seed: int) -> dict:
-    return train_minibatch(
-        loss_fn, metrics_fn, init(seed), entry.method, train, test,
-        epochs=epochs, batch_size=args.batch_size, seed=seed, probe=entry.probe,
-        probe_batches=entry.probe_batches,
-    )
+  return rc.Task(
+      loss_fn, metrics_fn, lambda seed: mlp_init(jax.random.key(seed), sizes), train, test,
+      epochs=1 if args.quick else args.epochs, batch_size=args.batch_size, labels=GROUPS,
+      columns=[("test_accuracy", "test accuracy"), *COLUMNS[:2]], larger_is_better=True,
+      summarise=summarise, info={"rows": len(x), "features": features, "classes": classes},
+  )
 
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  args = parse_args(argv)
+  seeds = [0] if args.quick else list(range(args.seeds))
+  task = make_task(args)
+  rows, features, classes = (task.info[k] for k in ("rows", "features", "classes"))
+  train, test, epochs, steps = task.train, task.test, task.epochs, task.steps
+  sizes = layer_sizes(len(classes))
   entries = rc.only_methods(build_entries(args, steps), args.methods)
-  runs = rc.run_seeds(entries, seeds, run, summarise, "test_accuracy")
+  runs = rc.run_seeds(entries, seeds, task.run, summarise, task.score)
   table, grid = results_table(runs), grid_table(runs)
   print(table)
   name = "letter_recognition" + args.suffix + ("_quick" if args.quick else "")
@@ -216,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   half = args.batch_size // 2
   body = f"""
 UCI Letter Recognition (Frey & Slate, 1991), read from the Debian package
-{DATA_PACKAGE}'s `{args.data_file.name}` (R data file, no R needed): {len(x)} rows, {len(features)}
+{DATA_PACKAGE}'s `{args.data_file.name}` (R data file, no R needed): {rows} rows, {len(features)}
 integer features, {len(classes)} classes; the first {len(train[0])} rows train, the last {len(test[0])} test
 (the original paper's split), features standardised on the training rows. A ReLU MLP
 {' -> '.join(map(str, sizes))}, softmax cross-entropy, {epochs} epoch(s) of batch {args.batch_size}
@@ -228,7 +240,7 @@ above the initial one. Time per run (all grid points together) on
 Hi-DLR: 4 groups (the three weight matrices w1, w2, w3; all biases together), AdamW
 direction (weight decay {args.weight_decay}, on every parameter), initial rate {args.lr}
 (untuned), Phi = {args.update_every}, scale_by_hidlr's defaults otherwise
-(`{options}`).{extra} Probe batches: "fresh" a
+(`{options}`).{extra} Probe batches: "fresh" (probe mode "batch") a
 mini-batch of {args.batch_size} drawn independently of the gradient's; "same" the gradient's own
 batch; "split" each batch of {args.batch_size} cut in two, the gradient on the first {half} rows and
 the probes on the other {args.batch_size - half} (so the gradient sees half the rows of the others);

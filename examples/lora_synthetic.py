@@ -26,10 +26,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 import hidlr_optax
 
 import _common as C
+import _methods as M
+import _training as T
 
 WIDTH, DIM, RANK, N_TRAIN, N_TEST = 1000, 5, 4, 1000, 100
 LABELS = {"A": "A", "B": "B"}
@@ -74,7 +77,7 @@ def make_problem(seed: int, width: int = WIDTH):
 def grids(points: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """The paper's uniform grid and (eta_A, eta_B) grid with ``points`` per axis."""
   uniform = 10 ** np.linspace(-4, -1, points)
-  dlr = C.product_grid(A=10 ** np.linspace(-4, -3, points), B=10 ** np.linspace(-4, -1, points))
+  dlr = M.product_grid(A=10 ** np.linspace(-4, -3, points), B=10 ** np.linspace(-4, -1, points))
   return uniform, dlr
 
 
@@ -85,29 +88,29 @@ def run(
   params, loss, test_loss = make_problem(seed, width)
   uniform, dlr = grids(points)
   searched = [
-      C.uniform_grid("sgd", uniform),
-      C.differential_grid("sgd", LABELS, dlr),
+      M.uniform_grid("sgd", uniform),
+      M.differential_grid("sgd", LABELS, dlr),
   ]
   fixed = [
-      C.hidlr_method("Hi-DLR (A, B)", "sgd", INITIAL_RATE, LABELS, **HIDLR_KW),
-      C.hidlr_method("Hi-DLR (A, B per rank: 8 groups)", "sgd", INITIAL_RATE, PER_RANK_LABELS, **HIDLR_KW),
-      C.hidlr_method("Hi-ULR (GeN)", "sgd", INITIAL_RATE, None, **HIDLR_KW),
-      *C.learning_rate_free("sgd", quick),
+      M.hidlr_method("Hi-DLR (A, B)", "sgd", INITIAL_RATE, LABELS, **HIDLR_KW),
+      M.hidlr_method("Hi-DLR (A, B per rank: 8 groups)", "sgd", INITIAL_RATE, PER_RANK_LABELS, **HIDLR_KW),
+      M.hidlr_method("Hi-ULR (GeN)", "sgd", INITIAL_RATE, None, **HIDLR_KW),
+      *M.learning_rate_free("sgd", names=M.PEERS[:1] if quick else M.PEERS),
   ]
   out = {}
-  for m in C.tqdm(searched + fixed, desc="methods"):
+  for m in tqdm(searched + fixed, desc="methods"):
     setting = ""
     with C.Timer() as timer:
       if m.grid is not None:
-        search = C.train_full_batch(loss, params, m, select_at, eval_fn=test_loss)
-        i = C.pick_best(search, "test_loss")
-        hp = C.grid_point(m.grid, i)
+        search = T.train_full_batch(loss, params, m, select_at, eval_fn=test_loss)
+        i = T.pick_best(search, "test_loss")
+        hp = M.grid_point(m.grid, i)
         setting = m.describe(hp)
-        m = C.Method(m.name, m.make_tx, grid=jax.tree.map(lambda g: g[None], hp))
-        rec = C.select(C.train_full_batch(loss, params, m, steps, eval_fn=test_loss), 0)
+        m = M.Method(m.name, m.make_tx, grid=jax.tree.map(lambda g: g[None], hp))
+        rec = T.select(T.train_full_batch(loss, params, m, steps, eval_fn=test_loss), 0)
         rec["search"] = search
       else:
-        rec = C.train_full_batch(loss, params, m, steps, eval_fn=test_loss)
+        rec = T.train_full_batch(loss, params, m, steps, eval_fn=test_loss)
     rec["setting"], rec["seconds"] = setting, timer.seconds
     out[m.name] = rec
   return out
@@ -175,7 +178,7 @@ iterations. The uniform rate (grid `10^linspace(-4, -1, {points})`) and the
 iterations, the paper's protocol (this favours the baselines: Hi-DLR never sees
 test data). Hi-DLR (groups A, B, or one group per rank component of A and B)
 and Hi-ULR start at {INITIAL_RATE:g} with
-`{HIDLR_KW}`, otherwise the core's defaults (`{C.hidlr_defaults()}`). The paper's picks were ULR 1e-4 and DLR (1e-4, 1e-1).
+`{HIDLR_KW}`, otherwise the core's defaults (`{M.hidlr_defaults()}`). The paper's picks were ULR 1e-4 and DLR (1e-4, 1e-1).
 Total wall time {timer.seconds:.0f} s.
 
 {table}

@@ -27,6 +27,8 @@ import numpy as np
 import optax
 
 import _common as C
+import _methods as M
+import _training as T
 
 NUM_EXPERTS, HIDDEN = 6, 64
 LABELS = {"gate": "gate", "experts": "experts"}
@@ -67,24 +69,24 @@ def metrics_fn(params: dict, x: jax.Array, y: jax.Array) -> dict:
   }
 
 
-def methods(quick: bool = False) -> list[C.Method]:
+def methods(quick: bool = False) -> list[M.Method]:
   """All methods; ``quick`` drops the paper's fixed rates (also in the grids)."""
   paper = [] if quick else [
-      C.uniform_grid("adam", [1e-3], name="ULR 1e-3 (paper)"),
-      C.differential_grid(
+      M.uniform_grid("adam", [1e-3], name="ULR 1e-3 (paper)"),
+      M.differential_grid(
           "adam", LABELS, {"gate": [1e-3], "experts": [5e-3]}, name="DLR 1e-3 / 5e-3 (paper)"
       ),
   ]
   return [
-      C.hidlr_method("Hi-DLR (gate, experts)", "adam", INITIAL_RATE, LABELS),
-      C.hidlr_method("Hi-DLR, same-batch probes", "adam", INITIAL_RATE, LABELS),
-      C.hidlr_method("Hi-ULR (GeN)", "adam", INITIAL_RATE),
+      M.hidlr_method("Hi-DLR (gate, experts)", "adam", INITIAL_RATE, LABELS),
+      M.hidlr_method("Hi-DLR, same-batch probes", "adam", INITIAL_RATE, LABELS),
+      M.hidlr_method("Hi-ULR (GeN)", "adam", INITIAL_RATE),
       *paper,
-      C.uniform_grid("adam", [3e-4, 1e-3, 3e-3, 1e-2]),
-      C.differential_grid(
-          "adam", LABELS, C.product_grid(gate=[3e-4, 1e-3, 3e-3], experts=[1e-3, 5e-3, 1e-2])
+      M.uniform_grid("adam", [3e-4, 1e-3, 3e-3, 1e-2]),
+      M.differential_grid(
+          "adam", LABELS, M.product_grid(gate=[3e-4, 1e-3, 3e-3], experts=[1e-3, 5e-3, 1e-2])
       ),
-      *C.learning_rate_free("adam", quick),
+      *M.learning_rate_free("adam", names=M.PEERS[:1] if quick else M.PEERS),
   ]
 
 
@@ -110,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   chosen = methods(args.quick)
   same = {m.name: "same" for m in chosen if "same-batch" in m.name}
   with C.Timer() as timer:
-    results = C.run_minibatch_methods(
+    results = T.run_minibatch_methods(
         chosen, loss_fn, metrics_fn, params, train, test,
         epochs=epochs, batch_size=128, seed=args.seed, probes=same,
     )
@@ -123,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   body = f"""
 {len(train[0])} train / {len(test[0])} test points, `x ~ Uniform[-5, 5]^2`,
 10% label noise, seed {args.seed}; Adam, {epochs} epochs, batch 128. Hi-DLR /
-Hi-ULR start at {INITIAL_RATE:g} with the core's defaults (`{C.hidlr_defaults()}`)
+Hi-ULR start at {INITIAL_RATE:g} with the core's defaults (`{M.hidlr_defaults()}`)
 and probe on an independently drawn batch unless marked
 "same-batch". Grids are picked by the final test loss (paper protocol for
 baselines). Total wall time {timer.seconds:.0f} s.

@@ -69,17 +69,6 @@ def readout(loss: jax.Array, opt_state: Any) -> dict:
   }
 
 
-def make_train_step(tx: optax.GradientTransformation):
-  @jax.jit
-  def train_step(params, opt_state, batch, probe_batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-    value_fn = lambda p: loss_fn(p, *probe_batch)
-    updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn)
-    return optax.apply_updates(params, updates), opt_state, readout(loss, opt_state)
-
-  return train_step
-
-
 def stack_history(records: list[dict]) -> dict:
   """Per-step readouts (host copies) -> one array per quantity, steps first."""
   return jax.tree.map(lambda *xs: np.stack(xs), *records)
@@ -137,7 +126,9 @@ def train(
       optax.scale_by_adam(), learning_rate, hidlr_optax.labels.by_submodule(),
       update_every=update_every, min_r2=MIN_R2,
   )
-  train_step = make_train_step(tx)
+  train_step = hidlr_optax.make_train_step(
+      lambda p, batch: loss_fn(p, *batch), tx, readout=readout
+  )
   opt_state = tx.init(params)
   log = TensorBoardLog(tensorboard) if tensorboard is not None else None
   records, pending, seen_refreshes = [], [], 0

@@ -29,6 +29,8 @@ import optax
 import hidlr_optax
 
 import _common as C
+import _methods as M
+import _training as T
 
 NUM_FEATURES = 256
 TASKS = tuple(f"digit{i}" for i in range(10))
@@ -74,17 +76,17 @@ def metrics_fn(params: dict, x: jax.Array, y: jax.Array) -> dict:
   }
 
 
-def methods(quick: bool) -> list[C.Method]:
+def methods(quick: bool) -> list[M.Method]:
   same_batch = [] if quick else [
-      C.hidlr_method("Hi-DLR, same-batch probes", "adamw", INITIAL_RATE, LABELS, update_every=EVERY)
+      M.hidlr_method("Hi-DLR, same-batch probes", "adamw", INITIAL_RATE, LABELS, update_every=EVERY)
   ]
   return [
-      C.hidlr_method("Hi-DLR (10 tasks)", "adamw", INITIAL_RATE, LABELS, update_every=EVERY),
+      M.hidlr_method("Hi-DLR (10 tasks)", "adamw", INITIAL_RATE, LABELS, update_every=EVERY),
       *same_batch,
-      C.hidlr_method("Hi-ULR (GeN)", "adamw", INITIAL_RATE, update_every=EVERY),
-      C.uniform_grid("adamw", [1e-3], name="ULR 1e-3 (paper)"),
-      C.uniform_grid("adamw", [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]),
-      *C.learning_rate_free("adamw", quick),
+      M.hidlr_method("Hi-ULR (GeN)", "adamw", INITIAL_RATE, update_every=EVERY),
+      M.uniform_grid("adamw", [1e-3], name="ULR 1e-3 (paper)"),
+      M.uniform_grid("adamw", [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]),
+      *M.learning_rate_free("adamw", names=M.PEERS[:1] if quick else M.PEERS),
   ]
 
 
@@ -113,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   chosen = methods(args.quick)
   same = {m.name: "same" for m in chosen if "same-batch" in m.name}
   with C.Timer() as timer:
-    results = C.run_minibatch_methods(
+    results = T.run_minibatch_methods(
         chosen, loss_fn, metrics_fn, init_params(jax.random.key(args.seed)), train, test,
         epochs=epochs, batch_size=128, seed=args.seed, probes=same,
     )
@@ -131,7 +133,7 @@ Digits, ten one-vs-rest tasks on frozen random ReLU features ({NUM_FEATURES});
 {len(train[0])} train / {len(test[0])} test images, seed {args.seed}. AdamW
 (weight decay 1e-4), batch 128, {epochs} epochs. Hi-DLR (one group per task)
 and Hi-ULR start at {INITIAL_RATE:g} with `update_every={EVERY}`, other
-settings the core's defaults (`{C.hidlr_defaults()}`); "accuracy" is the mean over the ten binary
+settings the core's defaults (`{M.hidlr_defaults()}`); "accuracy" is the mean over the ten binary
 tasks. Grids are picked by the final test loss (paper protocol for baselines).
 Total wall time {timer.seconds:.0f} s.
 

@@ -31,6 +31,7 @@ for a short run.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -87,13 +88,15 @@ def make_tx(
   )
 
 
-@jax.jit(static_argnums=0)
+@functools.cache
+def step_of(tx: optax.GradientTransformation):
+  """:func:`hidlr_optax.make_train_step`'s step for ``tx``, built once per ``tx``."""
+  return hidlr_optax.make_train_step(lambda p, batch: loss_fn(p, *batch), tx)
+
+
 def train_step(tx, params, opt_state, batch, probe_batch):
   """A plain training step; sharding comes from its inputs alone."""
-  loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-  value_fn = lambda p: loss_fn(p, *probe_batch)
-  updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn)
-  return optax.apply_updates(params, updates), opt_state, loss
+  return step_of(tx)(params, opt_state, batch, probe_batch)
 
 
 def fsdp_spec(shape: Sequence[int], num_devices: int, axis_name: str = "data") -> P:
@@ -186,7 +189,7 @@ def probe_memory(
       jax.ShapeDtypeStruct((batch_size, 64), jnp.float32, sharding=batch_sharding),
       jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding),
   )
-  compiled = train_step.lower(tx, abstract_params, abstract_state, batch, batch).compile()
+  compiled = step_of(tx).lower(abstract_params, abstract_state, batch, batch).compile()
   return int(compiled.memory_analysis().temp_size_in_bytes)
 
 

@@ -21,8 +21,11 @@ from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 import _common as C
+import _methods as M
+import _training as T
 
 PAPER_GRID = [1e-5 * 10 ** (k / 2) for k in range(12)]
 #: Hi-DLR / Hi-ULR settings: a full-batch deterministic problem needs no
@@ -59,13 +62,13 @@ PROBLEMS: dict[str, tuple[Callable, tuple[float, float], tuple[float, ...]]] = {
 }
 
 
-def methods() -> list[C.Method]:
+def methods() -> list[M.Method]:
   """Hi-DLR, Hi-ULR, the paper's uniform grid and the learning-rate-free baselines."""
   return [
-      C.hidlr_method("Hi-DLR (x, y)", "sgd", INITIAL_RATE, {"x": "x", "y": "y"}, **HIDLR_KW),
-      C.hidlr_method("Hi-ULR (GeN)", "sgd", INITIAL_RATE, None, **HIDLR_KW),
-      C.uniform_grid("sgd", PAPER_GRID),
-      *C.learning_rate_free("sgd"),
+      M.hidlr_method("Hi-DLR (x, y)", "sgd", INITIAL_RATE, {"x": "x", "y": "y"}, **HIDLR_KW),
+      M.hidlr_method("Hi-ULR (GeN)", "sgd", INITIAL_RATE, None, **HIDLR_KW),
+      M.uniform_grid("sgd", PAPER_GRID),
+      *M.learning_rate_free("sgd"),
   ]
 
 
@@ -73,18 +76,18 @@ def run_problem(name: str, num_steps: int) -> dict[str, dict]:
   """Trains every method on one problem; grid methods reduced to their best point.
 
   Returns:
-    ``{method name: record}`` (see ``_common.full_batch_run``), each with an
+    ``{method name: record}`` (see ``_training.full_batch_run``), each with an
     extra ``"setting"`` string.
   """
   loss, start, _ = PROBLEMS[name]
   params = {"x": jnp.asarray(start[0]), "y": jnp.asarray(start[1])}
   out = {}
   for m in methods():
-    rec = C.train_full_batch(loss, params, m, num_steps, record_params=True)
+    rec = T.train_full_batch(loss, params, m, num_steps, record_params=True)
     setting = ""
     if m.grid is not None:
-      i = C.pick_best(rec, "loss")
-      rec, setting = C.select(rec, i), m.describe(C.grid_point(m.grid, i))
+      i = T.pick_best(rec, "loss")
+      rec, setting = T.select(rec, i), m.describe(M.grid_point(m.grid, i))
     rec["setting"] = setting
     out[m.name] = rec
   return out
@@ -92,7 +95,7 @@ def run_problem(name: str, num_steps: int) -> dict[str, dict]:
 
 def run_all(num_steps: int = 100) -> dict[str, dict[str, dict]]:
   """``{problem: {method: record}}`` for both problems."""
-  return {name: run_problem(name, num_steps) for name in C.tqdm(PROBLEMS, desc="problems")}
+  return {name: run_problem(name, num_steps) for name in tqdm(PROBLEMS, desc="problems")}
 
 
 def table_rows(results: dict[str, dict[str, dict]]) -> tuple[list[str], list[list]]:
@@ -155,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 {num_steps} full-batch iterations from the paper's starting points; base
 direction = the gradient (SGD). Hi-DLR and Hi-ULR start at rate
 {INITIAL_RATE:g} and use `{HIDLR_KW}` (deterministic problems: no noise to
-smooth; the core's defaults are `{C.hidlr_defaults()}`). The uniform learning rate is the best of the paper's grid
+smooth; the core's defaults are `{M.hidlr_defaults()}`). The uniform learning rate is the best of the paper's grid
 `1e-5 * 10^(k/2), k = 0..11` by the final loss; the learning-rate-free
 optimizers run at optax's defaults. Wall time {timer.seconds:.1f} s.
 

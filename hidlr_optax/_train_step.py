@@ -10,7 +10,7 @@ gradient's own batch ``b = G . d`` is biased upwards and the rates overshoot.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import jax
 import numpy as np
@@ -63,7 +63,8 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     probe: str = "batch",
-) -> Callable[..., tuple[Any, Any, jax.Array]]:
+    readout: Optional[Callable[[jax.Array, Any], Any]] = None,
+) -> Callable[..., tuple[Any, Any, Any]]:
   """Builds the jitted Hi-DLR training step of a plain JAX model.
 
   The gradient is that of ``loss_fn(params, batch)``; ``value_fn`` evaluates
@@ -86,11 +87,17 @@ def make_train_step(
       mini-batches with ``tx`` built with ``probe_direction="previous"``
       (whose fits are unbiased on the gradient's batch); with the paper's
       ``probe_direction="current"`` the rates overshoot on mini-batches.
+    readout: ``(loss, new opt_state) -> pytree``, evaluated inside the
+      jitted step, whose result the step returns in place of the loss:
+      e.g. the loss with :func:`hidlr_optax.learning_rates` and
+      :func:`hidlr_optax.fit_diagnostics` of the state, kept on the device
+      until the caller fetches them.
 
   Returns:
     ``step(params, opt_state, batch[, probe_batch], *, refresh=None) ->
     (params, opt_state, loss)``, jitted, ``loss`` being the loss on the
-    gradient's batch before the update. ``refresh`` is static: ``None``
+    gradient's batch before the update (``readout(loss, opt_state)`` with
+    ``readout``). ``refresh`` is static: ``None``
     leaves the refresh steps to Hi-DLR; a Python bool is the caller's
     schedule (e.g. ``refresh=step % 8 == 0``), compiling one program with
     the probes and one without.
@@ -121,7 +128,8 @@ def make_train_step(
         grads, opt_state, params, value_fn=lambda p: loss_fn(p, probe_batch),
         **_update_kwargs(probe, loss, refresh),
     )
-    return optax.apply_updates(params, updates), opt_state, loss
+    out = loss if readout is None else readout(loss, opt_state)
+    return optax.apply_updates(params, updates), opt_state, out
 
   return jax.jit(step, static_argnames="refresh")
 

@@ -236,9 +236,9 @@ def test_defaults_sweep_counts_what_diverged(tmp_path):
   for variant in defaults.VARIANTS:
     row = next(l for l in text.splitlines() if l.startswith(f"| {variant} |") and l.count("|") == 6)
     compared, num_diverged = (int(c.strip()) for c in row.strip("|").split("|")[3:5])
-    blew_up = {t for t in tasks if defaults.C.diverged(results[t, variant]["train_loss"])}
+    blew_up = {t for t in tasks if defaults.T.diverged(results[t, variant]["train_loss"])}
     assert num_diverged == len(blew_up)
-    base_blew_up = {t for t in tasks if defaults.C.diverged(results[t, "defaults"]["train_loss"])}
+    base_blew_up = {t for t in tasks if defaults.T.diverged(results[t, "defaults"]["train_loss"])}
     assert compared == len(tasks - blew_up - base_blew_up)
 
 

@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
 import _common as C  # noqa: E402
+import _methods as M  # noqa: E402
+import _training as T  # noqa: E402
 
 
 def _check_outputs(out: Path, name: str, script: str) -> str:
@@ -31,10 +33,10 @@ def test_uniform_grid_is_vmapped_single_runs():
   """Grid points trained together equal the same rates trained one by one."""
   loss = lambda p: jnp.sum((p - jnp.arange(3.0)) ** 2 * jnp.array([1.0, 4.0, 9.0]))
   params = jnp.zeros(3)
-  grid = C.uniform_grid("sgd", [1e-3, 3e-2])
-  together = C.train_full_batch(loss, params, grid, 20, chunk=2)
+  grid = M.uniform_grid("sgd", [1e-3, 3e-2])
+  together = T.train_full_batch(loss, params, grid, 20, chunk=2)
   for i, lr in enumerate([1e-3, 3e-2]):
-    alone = C.train_full_batch(loss, params, C.uniform_grid("sgd", [lr]), 20)
+    alone = T.train_full_batch(loss, params, M.uniform_grid("sgd", [lr]), 20)
     np.testing.assert_allclose(together["loss"][i], alone["loss"][0], rtol=1e-5)
   # 21 records: steps 0..20, the loss falls for both rates.
   assert together["loss"].shape == (2, 21)
@@ -43,10 +45,10 @@ def test_uniform_grid_is_vmapped_single_runs():
 
 def test_diverged_means_not_finite_or_above_the_initial_loss():
   """A loss that ends above where it started diverged, even when finite."""
-  assert not C.diverged(np.array([1.0, 0.5, 0.2]))
-  assert C.diverged(np.array([1.0, 0.5, 1e34]))
-  assert C.diverged(np.array([1.0, 0.5, np.nan]))
-  assert C.diverged(np.array([1.0, np.inf]))
+  assert not T.diverged(np.array([1.0, 0.5, 0.2]))
+  assert T.diverged(np.array([1.0, 0.5, 1e34]))
+  assert T.diverged(np.array([1.0, 0.5, np.nan]))
+  assert T.diverged(np.array([1.0, np.inf]))
 
 
 def test_california_loads_the_shipped_copy_first():

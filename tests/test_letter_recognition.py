@@ -22,7 +22,8 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SHIPPED = EXAMPLES.parent / "data" / "LetterRecognition.rda"
 sys.path.insert(0, str(EXAMPLES))
-import _common as C  # noqa: E402
+import _methods as M  # noqa: E402
+import _training as T  # noqa: E402
 import _realdata_common as rc  # noqa: E402
 import california_mlp  # noqa: E402
 import letter_recognition as lr  # noqa: E402
@@ -163,14 +164,14 @@ def _probing_method():
     return grads + value_fn(jnp.zeros_like(params)), state
 
   tx = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
-  return C.Method("probing", lambda _: tx, hidlr=True)
+  return M.Method("probing", lambda _: tx, hidlr=True)
 
 
-@pytest.mark.parametrize("probe, rows", [("split", 2), ("same", 4), ("fresh", 4)])
+@pytest.mark.parametrize("probe, rows", [("split", 2), ("same", 4), ("batch", 4)])
 def test_split_probes_look_at_the_other_half_of_the_batch(probe, rows):
   """"split": the gradient and the probes each see half of the batch, disjoint."""
   data = (np.arange(40, dtype=np.float32)[:, None], np.zeros(40, np.float32))
-  run = lambda loss: C.train_minibatch(
+  run = lambda loss: T.train_minibatch(
       loss, lambda p, x, y: {"p": p}, np.float32(0), _probing_method(), data, data,
       epochs=1, batch_size=4, seed=0, probe=probe,
   )
@@ -187,8 +188,8 @@ def test_split_probes_look_at_the_other_half_of_the_batch(probe, rows):
 def test_unknown_probe_mode_is_refused():
   data = (np.zeros((8, 1), np.float32), np.zeros(8, np.float32))
   with pytest.raises(ValueError, match="probe must be one of"):
-    C.minibatch_epoch(
-        lambda p, x, y: p, _probing_method(), None, np.float32(0), optax.EmptyState(), data,
+    T.minibatch_epoch(
+        lambda p, x, y: p, _probing_method().make_tx(None), np.float32(0), optax.EmptyState(), data,
         np.zeros((2, 8), np.int32), 4, "other",
     )
 

@@ -12,20 +12,21 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
-import _common as C  # noqa: E402
+import _methods as M  # noqa: E402
 import _realdata_common as rc  # noqa: E402
+import _training as T  # noqa: E402
 import california_mlp  # noqa: E402
 import fashion_mnist  # noqa: E402
 
 
 def test_schedule_warms_up_then_decays_to_zero():
-  sched = rc.schedule("cosine", 2.0, 100, warmup_fraction=0.1)
+  sched = M.schedule("cosine", 2.0, 100, warmup_fraction=0.1)
   values = np.asarray([float(sched(t)) for t in range(101)])
   np.testing.assert_allclose(values[[0, 5, 10]], [0.0, 1.0, 2.0], atol=1e-6)
   assert np.all(np.diff(values[10:]) <= 1e-7) and values[-1] == pytest.approx(0, abs=1e-6)
-  linear = rc.schedule("linear", 1.0, 10)
+  linear = M.schedule("linear", 1.0, 10)
   assert float(linear(5)) == pytest.approx(0.5)
-  assert float(rc.schedule("constant", 3.0, 10)(9)) == 3.0
+  assert float(M.schedule("constant", 3.0, 10)(9)) == 3.0
 
 
 def test_run_seeds_picks_one_grid_point_by_mean_over_seeds():
@@ -113,11 +114,11 @@ def test_probe_batches_join_mini_batches():
     return jax.tree.map(lambda u: value_fn(params) + 0 * u, updates), state
 
   tx = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
-  method = C.Method("rows probed", lambda _: tx, hidlr=True)
+  method = M.Method("rows probed", lambda _: tx, hidlr=True)
   rows = lambda p, x, y: 0 * p + x.shape[0]  # the step adds the probe batch's size
   data = (np.zeros((40, 1), np.float32), np.zeros(40, np.float32))
   for probe_batches in (1, 3):
-    out = C.train_minibatch(
+    out = T.train_minibatch(
         rows, lambda p, x, y: {"p": p}, np.float32(0), method, data, data,
         epochs=1, batch_size=4, seed=0, probe_batches=probe_batches,
     )
@@ -126,10 +127,10 @@ def test_probe_batches_join_mini_batches():
 
 def test_metrics_start_after_the_first_epoch_without_the_initial_evaluation():
   """``evaluate_initial=False`` drops epoch 0 from the metrics, nothing else."""
-  method = C.Method("sgd", lambda _: optax.sgd(0.1))
+  method = M.Method("sgd", lambda _: optax.sgd(0.1))
   loss = lambda p, x, y: jnp.mean((x[:, 0] * p - y) ** 2)
   data = (np.ones((8, 1), np.float32), np.ones(8, np.float32))
-  run = lambda initial: C.train_minibatch(
+  run = lambda initial: T.train_minibatch(
       loss, lambda p, x, y: {"loss": loss(p, x, y)}, np.float32(0), method, data, data,
       epochs=2, batch_size=4, seed=0, evaluate_initial=initial,
   )
@@ -173,23 +174,32 @@ def test_fashion_mnist_compares_the_methods_the_task_asks_for():
   assert entries[3].probe == "same"
 
 
-def test_named_hidlr_schedule_and_peer_direction_from_hidlr_kwargs():
-  args = california_mlp.parse_args(
-      ["--hidlr-kwargs", '{"schedule": "linear", "direction": "prodigy", "ratios_only": true}']
-  )
+def test_named_hidlr_schedule_from_hidlr_kwargs():
+  args = california_mlp.parse_args(["--hidlr-kwargs", '{"schedule": "linear", "min_r2": 0.9}'])
   options = rc.hidlr_options(args, steps=10)
   assert float(options["schedule"](5)) == pytest.approx(0.5)
+  assert options["min_r2"] == 0.9 and options["weight_decay"] == args.weight_decay
   with pytest.raises(ValueError, match="number of steps"):
     rc.hidlr_options(args)
-  # The peer's step negated back into a direction: Hi-DLR at rate 1 with
-  # one group and no refresh that changes it applies Prodigy's step.
+
+
+def test_learning_rate_free_peers_take_the_weight_decay_given():
+  """With a weight decay every peer gets it; without, each keeps its default."""
   params = {"w": jnp.ones(3)}
   grads = {"w": jnp.asarray([1.0, -2.0, 0.5])}
-  peer = optax.contrib.prodigy(weight_decay=0.0)
-  expected, _ = peer.update(grads, peer.init(params), params)
-  base = rc.direction("prodigy", 0.0)
-  direction, _ = base.update(grads, base.init(params), params)
-  np.testing.assert_allclose(direction["w"], -expected["w"], rtol=1e-6)
-  entry = rc.hidlr_entry("x", 1.0, None, weight_decay=0.0, update_every=8,
-                         direction="prodigy", ratios_only=True)
-  assert entry.method.hidlr
+
+  def step(decay):
+    (prodigy,) = M.learning_rate_free(weight_decay=decay, names=["Prodigy"])
+    tx = prodigy.make_tx(None)
+    state = tx.init(params)
+    for _ in range(3):
+      updates, state = tx.update(grads, state, params)
+    return np.asarray(updates["w"])
+
+  np.testing.assert_array_equal(step(None), step(0.0))  # optax's default: no decay
+  assert not np.allclose(step(0.5), step(0.0))
+  names = [m.name for m in M.learning_rate_free("sgd")]
+  assert names == ["Prodigy", "D-Adaptation", "DoG", "Mechanic (sgd)", "COCOB",
+                   "Schedule-free AdamW"]
+  with pytest.raises(ValueError, match="unknown peers"):
+    M.learning_rate_free(names=["Adam"])

@@ -143,6 +143,22 @@ def test_the_callers_refresh_is_static():
   assert step._cache_size() == 2  # one program with the probes, one without
 
 
+def test_readout_returns_what_it_reads_from_the_new_state():
+  tx = make_tx()
+  readout = lambda loss, state: {"loss": loss, "rates": hidlr_optax.learning_rates(state)}
+  step = hidlr_optax.make_train_step(loss_fn, tx, readout=readout)
+  plain = hidlr_optax.make_train_step(loss_fn, tx)
+  state = plain_state = tx.init(PARAMS)
+  params = plain_params = PARAMS
+  for i in range(UPDATE_EVERY + 1):
+    params, state, out = step(params, state, data(i), data(1000 + i))
+    plain_params, plain_state, loss = plain(plain_params, plain_state, data(i), data(1000 + i))
+    assert float(out["loss"]) == pytest.approx(float(loss), rel=1e-6)
+    close(out["rates"], hidlr_optax.learning_rates(state))  # the state after the update
+  close(params, plain_params)
+  assert any(float(r) != 1e-2 for r in out["rates"].values())  # the refreshes moved them
+
+
 def test_bad_probe_arguments_raise():
   tx = make_tx()
   with pytest.raises(ValueError, match="probe must be one of"):
