@@ -284,3 +284,20 @@ def test_bare_conditional_follows_the_callers_schedule_without_a_conditional():
       *bench.args(tx.init(bench.model.params)))
   np.testing.assert_allclose(jax.flatten_util.ravel_pytree(skipped)[0],
                              jax.flatten_util.ravel_pytree(plain)[0], rtol=1e-6, atol=1e-7)
+
+
+def test_table4_measures_both_estimators_at_every_phi():
+  from benchmarks import table4
+
+  text = table4.main(["--quick", "--reps", "2"])
+  rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+          if line.startswith("| ") and not line.startswith("| estimator")}
+  assert set(rows) == {"probe", "secant", "paper's bound, full training"}
+  for name in ("probe", "secant"):
+    cells = [c.strip() for c in rows[name].split("|")[2:-1]]
+    assert len(cells) == 3 + len(table4.PHIS)
+    speeds = [float(c) for c in cells[3:]]
+    assert all(0 < s < 2 for s in speeds)
+    # From the same two step ratios, the amortised speed moves monotonically
+    # with Phi (from the refresh step's ratio at Phi = 1 towards the other's).
+    assert speeds in (sorted(speeds), sorted(speeds, reverse=True))

@@ -43,7 +43,7 @@ PARAMS = {
 
 def make_tx():
   return hidlr_optax.hidlr(
-      optax.scale_by_adam(), 1e-2, LABELS, update_every=UPDATE_EVERY, probe_batch_size=1
+      optax.scale_by_adam(), 1e-2, LABELS, update_every=UPDATE_EVERY, estimator=hidlr_optax.ProbeEstimator(batch_size=1)
   )
 
 
@@ -197,7 +197,7 @@ def nnx_loss(model, batch):
 def nnx_tx():
   return hidlr_optax.hidlr(
       optax.scale_by_adam(), 1e-2, hidlr_optax.labels.head_vs_body(),
-      update_every=UPDATE_EVERY, probe_batch_size=1,
+      update_every=UPDATE_EVERY, estimator=hidlr_optax.ProbeEstimator(batch_size=1),
   )
 
 
@@ -265,3 +265,23 @@ def test_the_package_imports_without_flax():
   )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "no flax"
+
+
+def test_same_batch_step_hands_the_gradient_to_the_secant_estimator():
+  # probe="same" passes value= and grad=: the secant refresh then takes one
+  # gradient more than the step's own, not two.
+  traces = []
+
+  def loss_fn(params, batch):
+    traces.append(1)
+    return jnp.mean((batch @ params["w"] - 1.0) ** 2)
+
+  params = {"w": jnp.zeros(3)}
+  for probe, expected in (("same", 1 + 1 + 1), ("batch", 1 + 1 + 2)):
+    traces.clear()
+    tx = hidlr_optax.gen(optax.scale_by_adam(), 1e-2, estimator="secant")
+    step = hidlr_optax.make_train_step(loss_fn, tx, probe=probe)
+    batches = (jnp.ones((4, 3)),) if probe == "same" else (jnp.ones((4, 3)), jnp.ones((4, 3)))
+    step(params, tx.init(params), *batches, refresh=True)
+    # the step's gradient, value_fn's output check, and the secant's gradients
+    assert len(traces) == expected, (probe, len(traces))

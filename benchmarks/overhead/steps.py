@@ -144,8 +144,9 @@ def optimizer(model: _models.Model, v: Variant) -> optax.GradientTransformation:
 
 
 def estimator(v: Variant) -> Union[str, hidlr_optax.ProbeEstimator]:
-  """The variant's estimator; the probe estimator with its batching."""
-  if v.estimator != "probe":
+  """The variant's estimator; the probe estimator with its batching (by
+  name at the default batching, which cores before estimator objects read)."""
+  if v.estimator != "probe" or v.batching == "auto":
     return v.estimator
   return hidlr_optax.ProbeEstimator(batch_size=v.probe_batch_size)
 
