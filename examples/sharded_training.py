@@ -81,10 +81,11 @@ def loss_fn(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
 def make_tx(
     param_labels: Any, probe_batch_size: Union[int, str, None]
 ) -> optax.GradientTransformation:
-  """Hi-DLR over Adam directions, refreshing every 4 steps."""
+  """Hi-DLR over Adam directions, refreshing every 4 steps, its probes in
+  batches of ``probe_batch_size`` (:class:`hidlr_optax.ProbeEstimator`)."""
   return hidlr_optax.hidlr(
-      optax.scale_by_adam(), 1e-3, param_labels,
-      update_every=4, probe_batch_size=probe_batch_size,
+      optax.scale_by_adam(), 1e-3, param_labels, update_every=4,
+      estimator=hidlr_optax.ProbeEstimator(batch_size=probe_batch_size),
   )
 
 
