@@ -249,3 +249,31 @@ def test_an_accepted_fit_reports_the_optimum_it_moved_towards():
   assert float(fits["x"].optimal_rate) > 1e3
   assert float(hidlr_optax.learning_rates(state)["x"]) == pytest.approx(4e-2)
   assert not bool(fits["y"].accepted) and np.isnan(float(fits["y"].optimal_rate))
+
+
+def test_a_group_started_far_too_small_catches_up_and_is_named_until_then():
+  # The hidden layer starts at 1e-10, below what the loss can register: it
+  # grows by max_growth per refresh (never past the head's rate) until its
+  # probes register, then its fits set it; unresolved_groups names it while
+  # it is below resolution at most refreshes.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(256, 4)), jnp.float32)
+  y = jnp.sin(x @ jnp.asarray(rng.normal(size=4), jnp.float32))[:, None]
+  loss = lambda p: jnp.mean((jnp.tanh(x @ p["hidden"]) @ p["head"] - y) ** 2)
+  params = {"hidden": jnp.asarray(rng.normal(size=(4, 16)), jnp.float32) / 2,
+            "head": jnp.zeros((16, 1))}
+  tx = hidlr_optax.hidlr(optax.scale_by_adam(), {"hidden": 1e-10, "head": 1e-2},
+                         {"hidden": "hidden", "head": "head"}, update_every=1)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p, value_fn=loss))
+  state, hidden_rates, named = tx.init(params), [], []
+  for _ in range(60):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+    hidden_rates.append(float(hidlr_optax.learning_rates(state)["hidden"]))
+    named.append("hidden" in hidlr_optax.unresolved_groups(state))
+  assert named[0] and not named[-1]
+  assert hidden_rates[-1] > 1e-5  # from 1e-10: the hold rule kept it there
+  fits = hidlr_optax.find_states(state)[0]
+  assert int(fits.num_accepted["hidden"]) > 0 and int(fits.num_unresolved["hidden"]) > 0
+  growth = np.asarray(hidden_rates[1:]) / np.asarray(hidden_rates[:-1])
+  assert np.all(growth <= 4.0 + 1e-6)  # at most max_growth a refresh
