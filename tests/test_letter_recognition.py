@@ -159,8 +159,8 @@ def test_split_rows_standardises_on_the_training_rows():
 def _probing_method():
   """A "Hi-DLR" whose step is ``grad + value_fn(0)``: it adds up what it sees."""
 
-  def update(grads, state, params, *, value_fn, value=None):
-    del value
+  def update(grads, state, params, *, value_fn, **given):
+    del given  # value= (and grad=) that the step passes with probe="same"
     return grads + value_fn(jnp.zeros_like(params)), state
 
   tx = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
