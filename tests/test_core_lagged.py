@@ -148,12 +148,16 @@ def test_converges_on_the_battery_targets(base, target):
                             probe_direction="previous")
 
 
-def _slopes_on_batches(probe_direction: str, batches: int = 400):
+def _slopes_on_batches(probe_direction: str, batches: int = 400, estimator: str = "jvp",
+                       pass_gradient: bool = False):
   """Slopes fitted on the gradient's own batch, over many batches.
 
   Noisy least squares in 8 features, batches of 16. One step along a fixed
   batch's gradient ``g_0`` leads from ``w_0`` to ``w_1``; at ``w_1`` the
   refresh sees a new batch ``i`` for both its gradient and its probes.
+
+  With ``pass_gradient`` the update also gets ``value=`` and ``grad=`` (the
+  gradient's batch's), as ``make_train_step(probe="same")`` passes them.
 
   Returns:
     The fitted slopes, and the full-data slope that each design estimates:
@@ -167,7 +171,7 @@ def _slopes_on_batches(probe_direction: str, batches: int = 400):
       rng.normal(size=n), jnp.float32)
   loss = lambda w, i: jnp.mean((x[i] @ w - y[i]) ** 2) / 2
   full_gradient = jax.grad(lambda p: jnp.mean((x @ p - y) ** 2) / 2)
-  tx = hidlr_optax.gen(optax.identity(), 1e-2, update_every=1, estimator="jvp",
+  tx = hidlr_optax.gen(optax.identity(), 1e-2, update_every=1, estimator=estimator,
                        probe_direction=probe_direction)
   w0 = jnp.zeros(dim)
   first = jnp.asarray(rng.integers(0, n, size=batch))
@@ -177,8 +181,9 @@ def _slopes_on_batches(probe_direction: str, batches: int = 400):
 
   @jax.jit
   def slope(i):
-    g = jax.grad(loss)(w1, i)
-    _, state = tx.update(g, after_first, w1, value_fn=lambda p: loss(p, i))
+    value, g = jax.value_and_grad(loss)(w1, i)
+    given = dict(value=value, grad=g) if pass_gradient else {}
+    _, state = tx.update(g, after_first, w1, value_fn=lambda p: loss(p, i), **given)
     return hidlr_optax.fit_diagnostics(state)["all"].slope
 
   index = jnp.asarray(rng.integers(0, n, size=(batches, batch)))

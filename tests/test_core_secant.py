@@ -12,6 +12,8 @@ import pytest
 
 import hidlr_optax
 
+from test_core_lagged import _slopes_on_batches
+
 ELLIPSE = lambda p: p["x"] ** 2 + 100 * p["y"] ** 2
 
 
@@ -74,39 +76,11 @@ def test_coupled_groups_iterate_to_the_full_fit():
   assert not np.allclose(full, diagonal, rtol=0.1)
 
 
-def _own_batch_slopes(probe_direction: str, batches: int = 400):
-  """Secant slopes on the gradient's own batch (``grad=``), over many batches.
-
-  Noisy least squares in 8 features, batches of 16, as in
-  ``tests/test_core_lagged.py``. Returns the slopes and the full-data slope
-  that each feed estimates.
-  """
-  rng = np.random.default_rng(0)
-  n, dim, batch = 8192, 8, 16
-  x = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
-  y = x @ jnp.asarray(rng.normal(size=dim), jnp.float32) + 2 * jnp.asarray(
-      rng.normal(size=n), jnp.float32)
-  loss = lambda w, i: jnp.mean((x[i] @ w - y[i]) ** 2) / 2
-  full_gradient = jax.grad(lambda p: jnp.mean((x @ p - y) ** 2) / 2)
-  tx = hidlr_optax.gen(optax.identity(), 1e-2, update_every=1, estimator="secant",
-                       probe_direction=probe_direction)
-  w0 = jnp.zeros(dim)
-  first = jnp.asarray(rng.integers(0, n, size=batch))
-  g0 = jax.grad(loss)(w0, first)
-  updates, after_first = tx.update(g0, tx.init(w0), w0, value_fn=lambda p: loss(p, first))
-  w1 = optax.apply_updates(w0, updates)
-
-  @jax.jit
-  def slope(i):
-    value, g = jax.value_and_grad(loss)(w1, i)
-    _, state = tx.update(g, after_first, w1, value_fn=lambda p: loss(p, i), value=value, grad=g)
-    return hidlr_optax.fit_diagnostics(state)["all"].slope
-
-  index = jnp.asarray(rng.integers(0, n, size=(batches, batch)))
-  slopes = np.asarray(jax.vmap(slope)(index))
-  if probe_direction == "previous":
-    return slopes, float(full_gradient(w0) @ g0)
-  return slopes, float(full_gradient(w1) @ full_gradient(w1))
+def _own_batch_slopes(probe_direction: str):
+  """Secant slopes on the gradient's own batch with ``grad=`` (the feed of
+  ``make_train_step(probe="same")``), over many batches, and the full-data
+  slope each feed estimates (``tests/test_core_lagged.py``'s problem)."""
+  return _slopes_on_batches(probe_direction, estimator="secant", pass_gradient=True)
 
 
 def test_previous_step_feed_is_unbiased_on_the_own_batch():
