@@ -360,27 +360,49 @@ these `hidlr_optax.hidlr` options and `hidlr_optax.make_train_step` probe modes:
 {image}"""
 
 
+#: The README's Hi-DLR columns (rows of :data:`HIDLR_CONFIGS`).
+README_HIDLR = (
+    "Hi-DLR, separate batch", "Hi-DLR, separate batch + linear decay",
+    "Hi-DLR, own batch + linear decay", "Hi-DLR secant, separate batch",
+    "Hi-DLR secant, previous step, own batch + linear decay",
+)
+#: Peers on the schedules their docs recommend (the README's best-peer column).
+SCHEDULED_PEERS = tuple(
+    f"{peer}{schedule}" for peer in ("Prodigy", "D-Adaptation")
+    for schedule in (" + linear decay", " + warm-up, linear decay")
+)
+
+
 def readme_table(results: Mapping[str, Mapping[str, Any]],
-                 methods: Sequence[str] = ("Hi-DLR, separate batch", "Hi-DLR, own batch",
-                                           "GeN, separate batch", "Prodigy",
-                                           "Prodigy + linear decay", "D-Adaptation",
-                                           "D-Adaptation + linear decay")) -> str:
-  """The README's results table: per task, each method's first metric and the
-  best tuned AdamW schedule (by mean), from a suite's results."""
-  header = ["task", "metric", *methods, "best tuned AdamW"]
+                 methods: Sequence[str] = README_HIDLR) -> str:
+  """The README's results table from a suite's results: per task, the first
+  metric (mean ± std, with the diverged seeds) of each of ``methods``, of
+  the better learning-rate-free peer on its recommended schedule, of
+  schedule-free AdamW at its default rate, and of the best tuned method
+  (AdamW schedules and schedule-free AdamW over the grid, picked by mean)."""
+  header = ["task", "metric", *methods, "best learning-rate-free peer, scheduled",
+            "schedule-free AdamW, default rate", "best tuned (grid picked on test)"]
   rows = []
   for task, r in results.items():
     key, title = r["columns"][0]
-    mean = lambda m: float(np.mean([s[key] for s in r["methods"][m]["metrics"]]))
-    cell = lambda m: rc.mean_std([s[key] for s in r["methods"][m]["metrics"]])
-    tuned = [m for m in r["methods"] if m.startswith("AdamW")]
-    best = ""
-    if tuned:
-      pick = (max if r["larger_is_better"] else min)(tuned, key=mean)
-      best = f"{pick[len('AdamW '):]} {cell(pick)}"
+    values = lambda m: [s[key] for s in r["methods"][m]["metrics"]]
+    mean = lambda m: float(np.mean(values(m)))
+
+    def cell(m: str) -> str:
+      if m not in r["methods"]:
+        return ""
+      runs = r["methods"][m]["metrics"]
+      diverged = int(sum(s.get("diverged", 0) for s in runs))
+      return rc.mean_std(values(m)) + (f" ({diverged}/{len(runs)} diverged)" if diverged else "")
+
+    best = lambda names: (max if r["larger_is_better"] else min)(
+        [m for m in names if m in r["methods"]], key=mean, default=None)
+    named = lambda m: "" if m is None else f"{m}: {cell(m)}"
+    tuned = [m for m in r["methods"] if m.startswith("AdamW") or m.endswith("(grid)")]
     arrow = "↑" if r["larger_is_better"] else "↓"
-    rows.append([task, f"{title} {arrow}",
-                 *(cell(m) if m in r["methods"] else "" for m in methods), best])
+    rows.append([task, f"{title} {arrow}", *(cell(m) for m in methods),
+                 named(best(SCHEDULED_PEERS)), cell("Schedule-free AdamW"),
+                 named(best(tuned))])
   return markdown_table(header, rows)
 
 

@@ -37,7 +37,12 @@ def test_a_quick_task_writes_every_requested_method(tmp_path, capsys):
   table = capsys.readouterr().out
   (line,) = [r for r in table.splitlines() if r.startswith("| California MLP |")]
   assert "MSE ↓" in line and line.count(" | ") == len(table.splitlines()[0].split(" | ")) - 1
-  assert "| linear " in line  # the best tuned AdamW row, with its schedule
+  # the best tuned row, named: the better of the two grid methods run
+  assert ("| AdamW linear: " in line) != ("| Schedule-free AdamW (grid): " in line)
+  assert "Prodigy + warm-up, linear decay: " in line  # the scheduled peer, named
+  assert "| Hi-DLR, own batch + linear decay |" not in line  # a header, not a cell
+  cells = line.split(" | ")
+  assert np.isfinite(float(cells[4].split(" ")[0]))  # the own batch + decay row's mean
 
 
 def test_unknown_methods_are_refused():
