@@ -242,7 +242,9 @@ def test_quick_run_writes_the_results(tmp_path):
   assert "| Hi-DLR, split batch | - |" in text and "| Hi-DLR, split batch | w1 |" in text
   hidlr = runs["Hi-DLR, split batch"]
   assert set(hidlr.history["lr"]) == {"w1", "w2", "w3", "bias"}
-  assert hidlr.metrics[0]["diverged"] == 0.0 and hidlr.metrics[0]["test_accuracy"] > 1 / 26
+  # The synthetic classes are separable: one quick epoch learns most of them
+  # (0.86 measured; chance is 1/26, and a run whose rule failed stays near it).
+  assert hidlr.metrics[0]["diverged"] == 0.0 and hidlr.metrics[0]["test_accuracy"] > 0.6
 
 
 def test_tables_count_divergence_and_list_every_grid_point():
