@@ -16,9 +16,8 @@ import optax
 import pytest
 
 import hidlr_optax
-from optax._src import test_utils
 
-from test_core_battery import BASES, TARGETS, assert_the_rule_converges, train_step
+from test_core_battery import BASES, TARGETS, assert_the_rule_converges
 
 A = jnp.array([1.0, 4.0, 9.0])
 QUADRATIC = lambda w: 0.5 * jnp.sum(A * w**2)
