@@ -192,16 +192,25 @@ def _slopes_on_batches(probe_direction: str, batches: int = 400, estimator: str 
   return slopes, float(full_gradient(w1) @ full_gradient(w1))
 
 
-def test_own_batch_slope_is_unbiased_along_the_previous_direction():
-  slopes, truth = _slopes_on_batches("previous")
+#: The estimators and how the gradient's batch reaches them: jvp probes
+#: value_fn; the secant also takes the caller's value= and grad= (as
+#: make_train_step(probe="same") passes them).
+OWN_BATCH_FEEDS = pytest.mark.parametrize(
+    "estimator, pass_gradient", [("jvp", False), ("secant", True)])
+
+
+@OWN_BATCH_FEEDS
+def test_own_batch_slope_is_unbiased_along_the_previous_direction(estimator, pass_gradient):
+  slopes, truth = _slopes_on_batches("previous", estimator=estimator, pass_gradient=pass_gradient)
   se = slopes.std() / np.sqrt(len(slopes))
   assert abs(slopes.mean() - truth) < 4 * se, (slopes.mean(), truth, se)
 
 
-def test_own_batch_slope_is_biased_along_the_current_direction():
+@OWN_BATCH_FEEDS
+def test_own_batch_slope_is_biased_along_the_current_direction(estimator, pass_gradient):
   # The paper's rule: b = |g_B|^2, on average |G|^2 + tr(Sigma) / B, well
   # above the full-data slope |G|^2 along the same (noisy) direction.
-  slopes, truth = _slopes_on_batches("current")
+  slopes, truth = _slopes_on_batches("current", estimator=estimator, pass_gradient=pass_gradient)
   se = slopes.std() / np.sqrt(len(slopes))
   assert slopes.mean() - truth > 10 * se, (slopes.mean(), truth, se)
 

@@ -1,8 +1,8 @@
 """``estimator="secant"``: two gradients measure every group's slope at both
 ends of the combined step, ``c_k = b_k - b'_k = (A eta)_k``, and the rate is
 ``eta_k b_k / c_k`` (the Jacobi step on the joint quadratic). Exact problems,
-the three feeds (separate batch, ``grad=`` on the gradient's batch, the
-previous step) and the cost."""
+the feeds and the cost (the own-batch bias of each feed is tested beside the
+other estimators', in ``tests/test_core_lagged.py``)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +11,6 @@ import optax
 import pytest
 
 import hidlr_optax
-
-from test_core_lagged import _slopes_on_batches
 
 ELLIPSE = lambda p: p["x"] ** 2 + 100 * p["y"] ** 2
 
@@ -74,25 +72,6 @@ def test_coupled_groups_iterate_to_the_full_fit():
   np.testing.assert_allclose([float(rates["a"]), float(rates["b"])], full, rtol=1e-3)
   diagonal = g * g / jnp.diag(big_a)  # what the per-group fit would give
   assert not np.allclose(full, diagonal, rtol=0.1)
-
-
-def _own_batch_slopes(probe_direction: str):
-  """Secant slopes on the gradient's own batch with ``grad=`` (the feed of
-  ``make_train_step(probe="same")``), over many batches, and the full-data
-  slope each feed estimates (``tests/test_core_lagged.py``'s problem)."""
-  return _slopes_on_batches(probe_direction, estimator="secant", pass_gradient=True)
-
-
-def test_previous_step_feed_is_unbiased_on_the_own_batch():
-  slopes, truth = _own_batch_slopes("previous")
-  se = slopes.std() / np.sqrt(len(slopes))
-  assert abs(slopes.mean() - truth) < 4 * se, (slopes.mean(), truth, se)
-
-
-def test_current_step_feed_is_biased_on_the_own_batch():
-  slopes, truth = _own_batch_slopes("current")
-  se = slopes.std() / np.sqrt(len(slopes))
-  assert slopes.mean() - truth > 10 * se, (slopes.mean(), truth, se)
 
 
 def test_a_refresh_costs_two_gradients_or_one_with_grad_given_whatever_k():
