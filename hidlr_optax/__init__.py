@@ -6,7 +6,7 @@ single group it is GeN (Bu & Xu, arXiv:2407.02772).
 """
 
 from hidlr_optax._grouping import SINGLE_GROUP_LABEL, SliceLabels, per_slice
-from hidlr_optax._state import GroupFit, PerGroup, ScaleByHiDLRState
+from hidlr_optax._state import GroupFit, LossGuard, PerGroup, ScaleByHiDLRState
 from hidlr_optax._diagnostics import (
     check_direction,
     find_states,
@@ -31,6 +31,7 @@ __all__ = [
     "GroupFit",
     "JvpEstimator",
     "Line",
+    "LossGuard",
     "PerGroup",
     "ProbeEstimator",
     "SINGLE_GROUP_LABEL",

@@ -23,7 +23,13 @@ Scalar = Union[float, jax.Array]
 
 #: Arguments of :func:`scale_by_hidlr` that ``optax.inject_hyperparams`` must
 #: treat as static (pass them as ``static_args``).
-STATIC_ARGS = ("param_labels", "update_every", "joint_check", "probe_direction", "estimator")
+STATIC_ARGS = (
+    "param_labels", "update_every", "joint_check", "probe_direction", "estimator",
+    "loss_guard", "total_steps",
+)
+
+#: The guard's tolerance that ``total_steps=`` turns on.
+RECIPE_LOSS_GUARD = 0.5
 
 #: The estimators named by a string.
 ESTIMATORS: dict[str, Callable[[], Estimator]] = {
@@ -72,7 +78,8 @@ def resolve_estimator(estimator: Union[str, Estimator]) -> Estimator:
 def _schedule_peak(schedule: Callable[[Any], Any]) -> float:
   """The largest value of ``schedule`` at a few counts up to 100,000."""
   counts = [0, 1, 10, 100, 1_000, 10_000, 100_000]
-  return max(abs(float(np.asarray(schedule(c)))) for c in counts)
+  with jax.ensure_compile_time_eval():  # concrete even when built under a trace
+    return max(abs(float(np.asarray(schedule(c)))) for c in counts)
 
 
 def _check_schedule(schedule: Any) -> None:
@@ -115,8 +122,11 @@ class Config:
   joint_check: bool = True
   schedule: Union[Scalar, optax.Schedule, None] = None
   probe_direction: str = "current"
+  loss_guard: Union[float, None] = None
+  total_steps: Union[int, None] = None
 
   def __post_init__(self):
+    self._apply_total_steps()
     object.__setattr__(self, "estimator", resolve_estimator(self.estimator))
     if isinstance(self.joint_check, np.bool_):
       object.__setattr__(self, "joint_check", bool(self.joint_check))
@@ -133,6 +143,10 @@ class Config:
       raise ValueError(f"scale_by_hidlr: update_every must be an integer >= 1, got {u!r}")
     _check("smoothing", self.smoothing, lambda v: 0 <= v < 1, "in [0, 1)")
     _check("min_r2", self.min_r2, lambda v: v <= 1, "<= 1")
+    guard = self.loss_guard
+    if guard is not None and not (
+        _concrete(guard) and np.ndim(guard) == 0 and float(np.asarray(guard)) > 0):
+      raise ValueError(f"scale_by_hidlr: loss_guard must be a number > 0 (or None), got {guard!r}")
     _check("max_growth", self.max_growth, lambda v: v >= 1, ">= 1 (or None)")
     _check("min_learning_rate", self.min_learning_rate, lambda v: v >= 0, ">= 0")
     _check("max_learning_rate", self.max_learning_rate, lambda v: v > 0, "> 0 (or None)")
@@ -142,6 +156,21 @@ class Config:
           "scale_by_hidlr: min_learning_rate must not exceed max_learning_rate,"
           f" got {low!r} > {high!r}"
       )
+
+  def _apply_total_steps(self) -> None:
+    """``total_steps=``: a linear decay of the applied step to 0, and the guard."""
+    steps = self.total_steps
+    if steps is None:
+      return
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+      raise ValueError(f"scale_by_hidlr: total_steps must be an integer >= 1, got {steps!r}")
+    if self.schedule is not None:
+      raise ValueError(
+          "scale_by_hidlr: total_steps sets the schedule (a linear decay to 0 over"
+          " total_steps); pass total_steps or schedule, not both")
+    object.__setattr__(self, "schedule", optax.linear_schedule(1.0, 0.0, int(steps)))
+    if self.loss_guard is None:
+      object.__setattr__(self, "loss_guard", RECIPE_LOSS_GUARD)
 
   def _check_learning_rate(self) -> None:
     rate = self.learning_rate
@@ -159,6 +188,10 @@ class Config:
   @property
   def full(self) -> bool:
     return self.fit == "full"
+
+  @property
+  def guarded(self) -> bool:
+    return self.loss_guard is not None
 
   @property
   def lagged(self) -> bool:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hidlr_optax import _evaluation, _rule
+from hidlr_optax import _evaluation, _guard, _rule
 from hidlr_optax._config import Config
 from hidlr_optax._grouping import GroupLayout
 from hidlr_optax._state import GroupFit, PerGroup, ScaleByHiDLRState
@@ -57,6 +57,11 @@ def refresh(
         estimate, rates, new_rates, joint_loss,
         min_learning_rate=config.min_learning_rate, max_learning_rate=config.max_learning_rate)
 
+  guard = state.guard
+  if config.guarded:
+    new_rates, guard = _guard.guard(guard, estimate.origin, rates, new_rates,
+                                    tolerance=config.loss_guard)
+
   old = state.fits.stacked
   uphill = _rule.uphill(estimate, config.min_r2)
   streaks = jnp.where(uphill, old.uphill_refreshes + 1, 0)
@@ -79,6 +84,7 @@ def refresh(
       joint_factor=factor,
       loss=estimate.origin,
       first_loss=jnp.where(state.num_refreshes == 0, estimate.origin, state.first_loss),
+      guard=guard,
   )
   return optax.tree.cast_like(new, state)
 

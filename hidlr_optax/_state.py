@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -40,6 +40,29 @@ class GroupFit(NamedTuple):
   below_resolution: jax.Array
   optimal_rate: jax.Array
   uphill_refreshes: jax.Array
+
+
+class LossGuard(NamedTuple):
+  """State of the loss guard (``loss_guard=`` of :func:`hidlr_optax.scale_by_hidlr`).
+
+  Per-group arrays are in the order of ``state.learning_rates``.
+
+  Attributes:
+    smoothed_loss: moving average of ``L(w)`` over the refreshes.
+    best_loss: its lowest value.
+    reference_loss: the level a trip is measured from: its lowest value
+      since the last trip.
+    rates_at_best: the rates in force when the smoothed loss was at its best.
+    ceilings: every group's cap on its rate (``inf`` until the first trip).
+    num_trips: how many refreshes found the loss risen and cut the rates.
+  """
+
+  smoothed_loss: jax.Array
+  best_loss: jax.Array
+  reference_loss: jax.Array
+  rates_at_best: jax.Array
+  ceilings: jax.Array
+  num_trips: jax.Array
 
 
 class PerGroup(Mapping):
@@ -129,6 +152,8 @@ class ScaleByHiDLRState(NamedTuple):
     previous_direction: with ``probe_direction="previous"``, the direction
       given to the last update, in the parameters' structure and dtypes;
       ``None`` otherwise.
+    guard: with ``loss_guard``, the guard's :class:`LossGuard`; ``None``
+      otherwise.
   """
 
   count: jax.Array
@@ -141,6 +166,7 @@ class ScaleByHiDLRState(NamedTuple):
   loss: jax.Array
   first_loss: jax.Array
   previous_direction: Any = None
+  guard: Optional[LossGuard] = None
 
 
 def _value(x: Any) -> Any:

@@ -87,10 +87,11 @@ def make_train_step(
       ``step(params, opt_state, batch)`` takes the gradient from the first
       half of ``batch`` along axis 0 (``n // 2`` rows) and probes on the
       rest. ``"same"``: on the gradient's batch, passing the loss as
-      ``value=`` (one forward fewer): for full-batch problems, or on
-      mini-batches with ``tx`` built with ``probe_direction="previous"``
-      (whose fits are unbiased on the gradient's batch); with the paper's
-      ``probe_direction="current"`` the rates overshoot on mini-batches.
+      ``value=`` (one forward fewer): for full-batch problems, for the
+      recipe (``tx`` built with ``total_steps=``: the lift of own-batch fits,
+      a linear decay and the loss guard), or with
+      ``probe_direction="previous"`` (fits unbiased on the gradient's
+      batch); otherwise own-batch rates overshoot on mini-batches.
     readout: ``(loss, new opt_state) -> pytree``, evaluated inside the
       jitted step, whose result the step returns in place of the loss:
       e.g. the loss with :func:`hidlr_optax.learning_rates` and

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hidlr_optax import _guard
 from hidlr_optax._config import DEFAULTS, STATIC_ARGS, Config
 from hidlr_optax._grouping import Label, LabelsOrFn, build_layout, initial_rates
 from hidlr_optax._refresh import refresh as refreshed_state
@@ -40,11 +41,12 @@ def _init_state(config: Config, param_labels: LabelsOrFn, params: Any) -> ScaleB
   dtype = _rate_dtype(params)
   k = layout.num_groups
   per_group = lambda x: PerGroup(layout.labels, x)
+  rates = jnp.asarray(initial_rates(config.learning_rate, layout), dtype)
   nan = jnp.full((k,), jnp.nan, dtype)
   no, zeros = jnp.zeros((k,), bool), jnp.zeros((k,), jnp.int32)
   return ScaleByHiDLRState(
       count=jnp.zeros((), jnp.int32),
-      learning_rates=per_group(jnp.asarray(initial_rates(config.learning_rate, layout), dtype)),
+      learning_rates=per_group(rates),
       fits=per_group(GroupFit(nan, nan, nan, no, no, nan, zeros)),
       num_refreshes=jnp.zeros((), jnp.int32),
       num_accepted=per_group(zeros),
@@ -53,6 +55,7 @@ def _init_state(config: Config, param_labels: LabelsOrFn, params: Any) -> ScaleB
       loss=jnp.full((), jnp.nan, dtype),
       first_loss=jnp.full((), jnp.nan, dtype),
       previous_direction=jax.tree.map(jnp.zeros_like, params) if config.lagged else None,
+      guard=_guard.initial(rates) if config.guarded else None,
   )
 
 
@@ -95,6 +98,8 @@ def scale_by_hidlr(
     joint_check: bool = DEFAULTS.joint_check,
     schedule: Schedule = DEFAULTS.schedule,
     probe_direction: str = DEFAULTS.probe_direction,
+    loss_guard: Optional[float] = DEFAULTS.loss_guard,
+    total_steps: Optional[int] = DEFAULTS.total_steps,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales the base direction by per-group learning rates set by Hi-DLR.
 
@@ -147,6 +152,11 @@ def scale_by_hidlr(
     probe_direction: ``"current"`` (the paper's rule) fits this step;
       ``"previous"`` fits the previous step from where it started, unbiased
       on any probe batch, the gradient's own included.
+    loss_guard: when the refresh losses' moving average rises by this
+      fraction above its best, cut every rate to at most half (and to its
+      rate at that best) and cap it there; ``None``: no guard.
+    total_steps: the run's length: a linear decay of the applied step to 0
+      over it (in place of ``schedule``) and ``loss_guard=0.5`` unless given.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -190,6 +200,7 @@ def scale_by_hidlr(
       min_r2=min_r2, fit=fit, estimator=estimator, accept=accept, max_growth=max_growth,
       min_learning_rate=min_learning_rate, max_learning_rate=max_learning_rate,
       joint_check=joint_check, schedule=schedule, probe_direction=probe_direction,
+      loss_guard=loss_guard, total_steps=total_steps,
   )
 
   def init_fn(params: optax.Params) -> ScaleByHiDLRState:
@@ -269,6 +280,8 @@ def hidlr(
     joint_check: bool = DEFAULTS.joint_check,
     schedule: Schedule = DEFAULTS.schedule,
     probe_direction: str = DEFAULTS.probe_direction,
+    loss_guard: Optional[float] = DEFAULTS.loss_guard,
+    total_steps: Optional[int] = DEFAULTS.total_steps,
 ) -> optax.GradientTransformationExtraArgs:
   """Hi-DLR over a base optimizer: ``optax.chain(base, scale_by_hidlr(...))``.
 
@@ -290,6 +303,8 @@ def hidlr(
     joint_check: as in :func:`scale_by_hidlr`.
     schedule: as in :func:`scale_by_hidlr`.
     probe_direction: as in :func:`scale_by_hidlr`.
+    loss_guard: as in :func:`scale_by_hidlr`.
+    total_steps: as in :func:`scale_by_hidlr`.
 
   Returns:
     The chained transformation; ``update`` needs ``value_fn=``.
@@ -306,6 +321,7 @@ def hidlr(
       min_r2=min_r2, fit=fit, estimator=estimator, accept=accept, max_growth=max_growth,
       min_learning_rate=min_learning_rate, max_learning_rate=max_learning_rate,
       joint_check=joint_check, schedule=schedule, probe_direction=probe_direction,
+      loss_guard=loss_guard, total_steps=total_steps,
   ))
 
 
@@ -323,6 +339,8 @@ def gen(
     max_learning_rate: Optional[Scalar] = DEFAULTS.max_learning_rate,
     schedule: Schedule = DEFAULTS.schedule,
     probe_direction: str = DEFAULTS.probe_direction,
+    loss_guard: Optional[float] = DEFAULTS.loss_guard,
+    total_steps: Optional[int] = DEFAULTS.total_steps,
 ) -> optax.GradientTransformationExtraArgs:
   """GeN (Hi-ULR): one learning rate for all parameters, set by Hi-DLR's fit.
 
@@ -343,6 +361,8 @@ def gen(
     max_learning_rate: as in :func:`scale_by_hidlr`.
     schedule: as in :func:`scale_by_hidlr`.
     probe_direction: as in :func:`scale_by_hidlr`.
+    loss_guard: as in :func:`scale_by_hidlr`.
+    total_steps: as in :func:`scale_by_hidlr`.
 
   Returns:
     The chained transformation; ``update`` needs ``value_fn=``.
@@ -359,5 +379,6 @@ def gen(
       base, learning_rate, None, update_every=update_every, smoothing=smoothing,
       min_r2=min_r2, estimator=estimator, max_growth=max_growth,
       min_learning_rate=min_learning_rate, max_learning_rate=max_learning_rate,
-      schedule=schedule, probe_direction=probe_direction,
+      schedule=schedule, probe_direction=probe_direction, loss_guard=loss_guard,
+      total_steps=total_steps,
   )
