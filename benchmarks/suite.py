@@ -25,6 +25,7 @@ README's results table from ``<name>.json``. Run from the repository root::
   python -m benchmarks.suite                                  # everything, 5 seeds
   python -m benchmarks.suite --tasks letters "California MLP" --seeds 3
   python -m benchmarks.suite --readme-table                   # from suite.json
+  python -m benchmarks.suite --readme-table --merge guard     # and guard.json's rows
 """
 
 from __future__ import annotations
@@ -69,11 +70,16 @@ HIDLR_CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
     "Hi-DLR, own batch": ({}, "same"),
     "Hi-DLR, separate batch + linear decay": ({"schedule": "linear"}, "batch"),
     "Hi-DLR, own batch + linear decay": ({"schedule": "linear"}, "same"),
+    "Hi-DLR, own batch + guard": ({"loss_guard": 0.5}, "same"),
+    "Hi-DLR recipe (total_steps: own batch, linear decay, guard)": (
+        {"total_steps": TOTAL_STEPS}, "same"),
     "Hi-DLR secant, separate batch": ({"estimator": "secant"}, "batch"),
     "Hi-DLR secant, separate batch + linear decay": (
         {"estimator": "secant", "schedule": "linear"}, "batch"),
     "Hi-DLR secant, own batch + linear decay": (
         {"estimator": "secant", "schedule": "linear"}, "same"),
+    "Hi-DLR secant recipe (total_steps)": (
+        {"estimator": "secant", "total_steps": TOTAL_STEPS}, "same"),
     "Hi-DLR secant, previous step, own batch": (
         {"estimator": "secant", "probe_direction": "previous"}, "same"),
     "Hi-DLR secant, previous step, own batch + linear decay": (
@@ -201,7 +207,7 @@ def hidlr_rows(args: argparse.Namespace, task: rc.Task) -> dict[str, Row]:
     # The script's options (weight decay, Phi, ...), then the row's.
     options = rc.hidlr_options(argparse.Namespace(**{**vars(args), "hidlr_kwargs": config}),
                                task.steps)
-    decay = config.get("schedule")
+    decay = "linear" if "total_steps" in config else config.get("schedule")
     words = f"applied step x {decay} 1 -> 0" if isinstance(decay, str) else "none"
     rows[name] = Row(rc.hidlr_entry(name, args.lr, labels, probe=probe, **options), words)
   return rows
@@ -362,9 +368,9 @@ these `hidlr_optax.hidlr` options and `hidlr_optax.make_train_step` probe modes:
 
 #: The README's Hi-DLR columns (rows of :data:`HIDLR_CONFIGS`).
 README_HIDLR = (
-    "Hi-DLR, separate batch", "Hi-DLR, separate batch + linear decay",
-    "Hi-DLR, own batch + linear decay", "Hi-DLR secant, separate batch",
-    "Hi-DLR secant, previous step, own batch + linear decay",
+    "Hi-DLR, separate batch", "Hi-DLR recipe (total_steps: own batch, linear decay, guard)",
+    "Hi-DLR secant recipe (total_steps)", "Hi-DLR, own batch + linear decay",
+    "Hi-DLR secant, separate batch",
 )
 #: Peers on the schedules their docs recommend (the README's best-peer column).
 SCHEDULED_PEERS = tuple(
@@ -417,7 +423,31 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true", help="every task at its script's --quick size")
   p.add_argument("--readme-table", action="store_true",
                  help="print the README's results table from <out>/<name>.json and exit")
+  p.add_argument("--merge", nargs="+", default=(), metavar="NAME",
+                 help="with --readme-table: also the rows of <out>/<NAME>.json (a run of"
+                      " other methods with the same seeds) that <name>.json lacks")
   return p.parse_args(argv)
+
+
+def merged(results: dict[str, Any], others: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """``results`` with every task's methods of ``others`` that it lacks.
+
+  Every method the runs share must have the same numbers in both (the runs
+  are deterministic per seed): otherwise they ran different code, and
+  merging them would compare across revisions.
+  """
+  out = json.loads(json.dumps(results))
+  for other in others:
+    for task, r in other.items():
+      if task not in out:
+        continue
+      mine = out[task]["methods"]
+      for name, m in r["methods"].items():
+        if name not in mine:
+          mine[name] = m
+        elif mine[name]["metrics"] != m["metrics"]:
+          raise ValueError(f"{task}: {name!r} differs between the merged runs")
+  return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -425,7 +455,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
   stored = args.out / f"{args.name}.json"
   if args.readme_table:
-    results = json.loads(stored.read_text())["results"]
+    results = merged(json.loads(stored.read_text())["results"], [
+        json.loads((args.out / f"{name}.json").read_text())["results"] for name in args.merge])
     print(readme_table(results))
     return results
   command = shlex.join(["python", "-m", "benchmarks.suite", *argv])

@@ -41,15 +41,23 @@ def test_readme_code_blocks_run():
   """Every ```python block of the README, in order, in one namespace."""
   text = (ROOT / "README.md").read_text()
   blocks = python_blocks(ROOT / "README.md")
-  quickstart = re.search(r"## Quickstart\s+```python\n(.*?)```", text, re.S).group(1)
+  recipe = re.search(r"## Quickstart: the recipe.*?```python\n(.*?)```", text, re.S).group(1)
+  quickstart = re.search(r"## The paper.s rule.*?```python\n(.*?)```", text, re.S).group(1)
   callers = re.search(r"can also be the caller's.*?```python\n(.*?)```", text, re.S).group(1)
-  made = next(b for b in blocks if "hidlr_optax.make_train_step(" in b)
-  assert blocks[0] == quickstart and callers in blocks
+  made = next(b for b in blocks if "hidlr_optax.make_train_step(" in b and b != recipe)
+  assert blocks[:2] == [recipe, quickstart] and callers in blocks
   namespace = {}
   refreshes = None
   for i, block in enumerate(blocks):
     exec(compile(block, f"README python block {i}", "exec"), namespace)
-    if block == quickstart:
+    if block == recipe:  # own-batch probes, the decay and the guard, from total_steps
+      state = hidlr_optax.find_states(namespace["opt_state"])[0]
+      assert set(hidlr_optax.learning_rates(namespace["opt_state"])) == {"body", "head"}
+      assert isinstance(state.guard, hidlr_optax.LossGuard)
+      assert int(state.count) == namespace["total_steps"]
+      assert float(namespace["loss"]) < 0.2 * float(namespace["first_loss"])
+      namespace.clear()  # the quickstart starts afresh
+    elif block == quickstart:
       rates = hidlr_optax.learning_rates(namespace["opt_state"])
       assert set(rates) == {"body", "head"}
       assert float(namespace["loss"]) < 0.5
@@ -68,7 +76,7 @@ def test_readme_code_blocks_run():
 def test_readme_says_the_base_is_a_direction():
   """Right after the quickstart, one bold line: a direction, not a full optimizer."""
   text = (ROOT / "README.md").read_text()
-  after = re.search(r"## Quickstart\s+```python\n.*?```\n\n(.*?)\n", text, re.S).group(1)
+  after = re.search(r"## Quickstart[^\n]*\s+```python\n.*?```\n\n(.*?)\n", text, re.S).group(1)
   assert after.startswith("**") and after.endswith("**")
   for name in ("optax.scale_by_adam()", "optax.adam(1e-3)", "check_direction"):
     assert name in after

@@ -1,6 +1,8 @@
 """The benchmark suite (``benchmarks/suite.py``) on a tiny configuration."""
 
 import json
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -42,7 +44,22 @@ def test_a_quick_task_writes_every_requested_method(tmp_path, capsys):
   assert "Prodigy + warm-up, linear decay: " in line  # the scheduled peer, named
   assert "| Hi-DLR, own batch + linear decay |" not in line  # a header, not a cell
   cells = line.split(" | ")
-  assert np.isfinite(float(cells[4].split(" ")[0]))  # the own batch + decay row's mean
+  column = 2 + suite.README_HIDLR.index("Hi-DLR, own batch + linear decay")
+  assert np.isfinite(float(cells[column].split(" ")[0]))  # the own batch + decay row's mean
+  assert cells[column - 1] == ""  # the secant recipe: not run here
+  # Rows of another run with the same seeds fill the columns this one lacks.
+  other = {"results": json.loads(json.dumps(results))}
+  extra = other["results"]["California MLP"]["methods"]
+  extra[suite.README_HIDLR[2]] = extra.pop("AdamW linear")
+  (tmp_path / "other.json").write_text(json.dumps(other))
+  suite.main(["--out", str(tmp_path), "--name", "tiny", "--readme-table", "--merge", "other"])
+  (line,) = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| California MLP |")]
+  assert np.isfinite(float(line.split(" | ")[column - 1].split(" ")[0]))
+  # A row both runs hold must agree: else they ran different code.
+  extra["Prodigy + warm-up, linear decay"]["metrics"][0]["test_mse"] += 1.0
+  (tmp_path / "other.json").write_text(json.dumps(other))
+  with pytest.raises(ValueError, match="differs between the merged runs"):
+    suite.main(["--out", str(tmp_path), "--name", "tiny", "--readme-table", "--merge", "other"])
 
 
 def test_unknown_methods_are_refused():
@@ -68,6 +85,7 @@ def test_hidlr_configs_pass_their_options_through(monkeypatch):
   assert float(gen["schedule"](task.steps // 2)) == pytest.approx(0.5, abs=0.02)
   assert rows["new"].entry.probe == "same" and rows["GeN"].entry.probe == "batch"
   assert rows["GeN"].schedule == "applied step x linear 1 -> 0"
+  assert rows["new"].schedule == "applied step x linear 1 -> 0"  # set by total_steps
 
 
 def test_every_task_has_the_same_methods_with_their_schedules():
@@ -82,3 +100,15 @@ def test_every_task_has_the_same_methods_with_their_schedules():
   assert rows["Prodigy"].schedule == "none (rate 1)"
   assert rows["Schedule-free AdamW"].entry.method.eval_params is suite.schedule_free_eval
   assert len(rows["Schedule-free AdamW (grid)"].entry.method.grid) == len(args.peaks)
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md"])
+def test_the_pages_results_table_is_what_the_suite_prints(page, capsys):
+  """The results table a page shows is the one its named command prints from
+  the committed results files, not numbers typed in."""
+  text = (suite.ROOT / page).read_text()
+  command = re.search(r"`python -m benchmarks\.suite (--readme-table[^`]*)`", text).group(1)
+  capsys.readouterr()
+  suite.main(shlex.split(command))
+  table = capsys.readouterr().out.strip()
+  assert table.count("\n") >= 5 and table in text
