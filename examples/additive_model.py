@@ -112,6 +112,8 @@ def methods(task: str, names: Sequence[str], quick: bool) -> list[M.Method]:
   ]
   return [
       M.hidlr_method(f"Hi-DLR ({len(names)} features + bias)", base, rate, groups, update_every=every),
+      M.hidlr_method(f"Hi-DLR secant ({len(names)} features + bias)", base, rate, groups,
+                     update_every=every, estimator="secant"),
       *same_batch,
       M.hidlr_method("Hi-ULR (GeN)", base, rate, update_every=every),
       M.uniform_grid(base, grid),

@@ -93,6 +93,8 @@ def run(
   ]
   fixed = [
       M.hidlr_method("Hi-DLR (A, B)", "sgd", INITIAL_RATE, LABELS, **HIDLR_KW),
+      M.hidlr_method("Hi-DLR secant (A, B)", "sgd", INITIAL_RATE, LABELS, estimator="secant",
+                     **HIDLR_KW),
       M.hidlr_method("Hi-DLR (A, B per rank: 8 groups)", "sgd", INITIAL_RATE, PER_RANK_LABELS, **HIDLR_KW),
       M.hidlr_method("Hi-ULR (GeN)", "sgd", INITIAL_RATE, None, **HIDLR_KW),
       *M.learning_rate_free("sgd", names=M.PEERS[:1] if quick else M.PEERS),

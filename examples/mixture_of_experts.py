@@ -79,6 +79,8 @@ def methods(quick: bool = False) -> list[M.Method]:
   ]
   return [
       M.hidlr_method("Hi-DLR (gate, experts)", "adam", INITIAL_RATE, LABELS),
+      M.hidlr_method("Hi-DLR secant (gate, experts)", "adam", INITIAL_RATE, LABELS,
+                     estimator="secant"),
       M.hidlr_method("Hi-DLR, same-batch probes", "adam", INITIAL_RATE, LABELS),
       M.hidlr_method("Hi-ULR (GeN)", "adam", INITIAL_RATE),
       *paper,

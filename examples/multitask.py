@@ -82,6 +82,8 @@ def methods(quick: bool) -> list[M.Method]:
   ]
   return [
       M.hidlr_method("Hi-DLR (10 tasks)", "adamw", INITIAL_RATE, LABELS, update_every=EVERY),
+      M.hidlr_method("Hi-DLR secant (10 tasks)", "adamw", INITIAL_RATE, LABELS,
+                     update_every=EVERY, estimator="secant"),
       *same_batch,
       M.hidlr_method("Hi-ULR (GeN)", "adamw", INITIAL_RATE, update_every=EVERY),
       M.uniform_grid("adamw", [1e-3], name="ULR 1e-3 (paper)"),

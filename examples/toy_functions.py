@@ -66,6 +66,8 @@ def methods() -> list[M.Method]:
   """Hi-DLR, Hi-ULR, the paper's uniform grid and the learning-rate-free baselines."""
   return [
       M.hidlr_method("Hi-DLR (x, y)", "sgd", INITIAL_RATE, {"x": "x", "y": "y"}, **HIDLR_KW),
+      M.hidlr_method("Hi-DLR secant (x, y)", "sgd", INITIAL_RATE, {"x": "x", "y": "y"},
+                     estimator="secant", **HIDLR_KW),
       M.hidlr_method("Hi-ULR (GeN)", "sgd", INITIAL_RATE, None, **HIDLR_KW),
       M.uniform_grid("sgd", PAPER_GRID),
       *M.learning_rate_free("sgd"),
