@@ -17,9 +17,8 @@ import optax
 from hidlr_optax._jvp import JvpEstimator
 from hidlr_optax._probe import ProbeEstimator
 from hidlr_optax._secant import SecantEstimator
-from hidlr_optax._types import Estimator
+from hidlr_optax._types import Estimator, Scalar
 
-Scalar = Union[float, jax.Array]
 
 #: Arguments of :func:`scale_by_hidlr` that ``optax.inject_hyperparams`` must
 #: treat as static (pass them as ``static_args``).

@@ -21,15 +21,13 @@ tells, the loss ``L(w)`` at the refreshes:
 
 from __future__ import annotations
 
-from typing import Union
-
 import jax
 import jax.numpy as jnp
 
 from hidlr_optax._resolution import loss_resolution
 from hidlr_optax._state import LossGuard
+from hidlr_optax._types import Scalar
 
-Scalar = Union[float, jax.Array]
 
 #: The weight of the old value in the moving average of the refresh losses:
 #: about 1 / (1 - 0.7) = 3 refreshes.

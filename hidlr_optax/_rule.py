@@ -9,16 +9,15 @@ predicted increase and the joint check are this project's safeguards
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from hidlr_optax import _fit
 from hidlr_optax._resolution import loss_resolution
-from hidlr_optax._types import Estimate
+from hidlr_optax._types import Estimate, Scalar
 
-Scalar = Union[float, jax.Array]
 
 #: The joint check acts only when its predicted decrease is above this many
 #: units in the last place of ``L(w)``. It divides one measured loss change

@@ -21,11 +21,10 @@ from hidlr_optax._config import DEFAULTS, STATIC_ARGS, Config
 from hidlr_optax._grouping import Label, LabelsOrFn, build_layout, initial_rates
 from hidlr_optax._refresh import refresh as refreshed_state
 from hidlr_optax._state import GroupFit, PerGroup, ScaleByHiDLRState
-from hidlr_optax._types import Estimator
+from hidlr_optax._types import Estimator, Scalar
 
 __all__ = ["STATIC_ARGS", "gen", "hidlr", "scale_by_hidlr"]
 
-Scalar = Union[float, jax.Array]
 LearningRate = Union[Scalar, Mapping[Label, Scalar]]
 Schedule = Union[Scalar, optax.Schedule, None]
 EstimatorLike = Union[str, Estimator]

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, Protocol
+from typing import Any, NamedTuple, Optional, Protocol, Union
 
 import jax
 
 from hidlr_optax._grouping import GroupLayout
+
+#: A hyperparameter that may be a number or an array (traced under
+#: ``optax.inject_hyperparams``).
+Scalar = Union[float, jax.Array]
 
 #: ``params -> scalar loss``, built by the caller inside the training step.
 ValueFn = Callable[[Any], jax.Array]
