@@ -22,6 +22,9 @@ compiled step) the per-device temporary memory of the probes, evaluated all
 at once (``probe_batch_size=None``) or one at a time
 (``probe_batch_size=1``).
 
+``--estimator secant`` runs the same with the secant estimator (two
+gradients per refresh instead of the probes).
+
 On a CPU, ask XLA for virtual devices:
 ``python examples/sharded_training.py --host-devices 8`` (it restarts itself
 with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``); ``--quick``
@@ -48,6 +51,7 @@ import _common as C
 import hidlr_optax
 
 MODES = ("single", "data", "fsdp")
+ESTIMATORS = ("probe", "secant")
 #: Relative loss difference at which two runs count as separate trajectories.
 SEPARATION = 1e-3
 HIDDEN = 256
@@ -79,13 +83,17 @@ def loss_fn(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def make_tx(
-    param_labels: Any, probe_batch_size: Union[int, str, None]
+    param_labels: Any, probe_batch_size: Union[int, str, None], estimator: str = "probe"
 ) -> optax.GradientTransformation:
-  """Hi-DLR over Adam directions, refreshing every 4 steps, its probes in
-  batches of ``probe_batch_size`` (:class:`hidlr_optax.ProbeEstimator`)."""
+  """Hi-DLR over Adam directions, refreshing every 4 steps: the paper's
+  probes in batches of ``probe_batch_size`` (:class:`hidlr_optax.ProbeEstimator`)
+  or, with ``estimator="secant"``, two gradients per refresh."""
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
   return hidlr_optax.hidlr(
       optax.scale_by_adam(), 1e-3, param_labels, update_every=4,
-      estimator=hidlr_optax.ProbeEstimator(batch_size=probe_batch_size),
+      estimator=hidlr_optax.ProbeEstimator(batch_size=probe_batch_size)
+      if estimator == "probe" else estimator,
   )
 
 
@@ -130,6 +138,7 @@ def train(
     batch_size: int = 256,
     param_labels: Any = None,
     probe_batch_size: Union[int, str, None] = "auto",
+    estimator: str = "probe",
     seed: int = 0,
 ) -> dict:
   """Trains the MLP on digits in one layout.
@@ -145,7 +154,7 @@ def train(
   if batch_size % mesh.size:
     raise ValueError(f"batch_size {batch_size} is not divisible by {mesh.size} devices")
   data = C.load_digits(seed)[0]
-  tx = make_tx(param_labels or hidlr_optax.labels.head_vs_body(), probe_batch_size)
+  tx = make_tx(param_labels or hidlr_optax.labels.head_vs_body(), probe_batch_size, estimator)
   param_shardings, batch_sharding = layout(mode, init_params(seed), mesh)
   params = jax.device_put(init_params(seed), param_shardings)
   opt_state = jax.jit(tx.init)(params)
@@ -165,7 +174,8 @@ def train(
 
 
 def probe_memory(
-    mode: str, probe_batch_size: Union[int, None], num_groups: int, batch_size: int = 256
+    mode: str, probe_batch_size: Union[int, None], num_groups: int, batch_size: int = 256,
+    estimator: str = "probe",
 ) -> int:
   """Per-device temporary bytes of the compiled training step.
 
@@ -179,7 +189,7 @@ def probe_memory(
   labels = hidlr_optax.labels.by_regex(
       [(r"^head/", hidlr_optax.per_slice(-1, blocks))], default="body"
   )
-  tx = make_tx(labels, probe_batch_size)
+  tx = make_tx(labels, probe_batch_size, estimator)
   param_shardings, batch_sharding = layout(mode, params, mesh)
   shaped = lambda tree, sharding: jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding
@@ -233,13 +243,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       "--host-devices", type=int, default=0,
       help="on CPU, restart with this many virtual devices if fewer are visible",
   )
+  parser.add_argument("--estimator", choices=ESTIMATORS, default="probe",
+                      help="the paper's probes, or two gradients per refresh")
   args = parser.parse_args(argv)
   if args.host_devices > jax.device_count() and jax.default_backend() == "cpu":
     _restart_with_host_devices(args.host_devices)
   steps = args.steps or (12 if args.quick else 100)
   print(f"{jax.device_count()} {jax.default_backend()} devices, {steps} steps")
 
-  runs = {mode: train(mode, steps) for mode in MODES}
+  runs = {mode: train(mode, steps, estimator=args.estimator) for mode in MODES}
   reference = runs["single"]
   difference, separation = {}, {}
   for mode, run in runs.items():
@@ -251,13 +263,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         f" final params differ from single by {difference[mode]:.2e} (max rel.),"
         f" losses differ by > {SEPARATION:g} (rel.) from step {separation[mode]}"
     )
+  # The secant's refresh holds no probes: one measurement per mode and K.
+  chunks = (None, 1) if args.estimator == "probe" else (None,)
   memory = {}
   for mode in ("data", "fsdp"):
     for groups in (2, 11):
-      for chunk in (None, 1):
-        memory[(mode, chunk, groups)] = probe_memory(mode, chunk, groups)
+      for chunk in chunks:
+        memory[(mode, chunk, groups)] = probe_memory(mode, chunk, groups,
+                                                     estimator=args.estimator)
         print(
-            f"probe memory {mode:>4}, {groups:>2} groups, probe_batch_size={chunk!s:>4}:"
+            f"step memory ({args.estimator}) {mode:>4}, {groups:>2} groups"
+            + (f", probe_batch_size={chunk!s:>4}" if args.estimator == "probe" else "") + ":"
             f" {memory[(mode, chunk, groups)] / 2**20:.2f} MiB temporary per device"
         )
   return dict(runs=runs, difference=difference, separation=separation, memory=memory)

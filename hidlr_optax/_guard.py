@@ -17,6 +17,9 @@ tells, the loss ``L(w)`` at the refreshes:
   whose fits already cut its rate is left to them (the rise is not its doing:
   a run of outlier batches). A loss that is not finite halves every rate;
 * every refresh without a trip lifts the caps by :data:`RELAXATION`.
+
+A cap never takes a rate below ``min_learning_rate``: the refresh bounds the
+guarded rates from below again.
 """
 
 from __future__ import annotations

@@ -5,10 +5,12 @@ CPU devices, either alone (all devices in one process) or as one of several
 processes joined by ``jax.distributed.initialize`` on localhost::
 
   python tests/_multiprocess_worker.py OUT.npz [--port P --num-processes N --process-id I]
+                                              [--estimator secant]
 
 Every process runs the same program: the MLP of ``examples/sharded_training.py``
 with its Hi-DLR (``hidlr(optax.scale_by_adam(), 1e-3, head_vs_body())``,
-refreshing every 4 steps), parameters and optimizer state replicated over a mesh
+refreshing every 4 steps; the paper's probes or, with ``--estimator secant``,
+the secant estimator), parameters and optimizer state replicated over a mesh
 of all processes' devices, batch and probe batch sharded over it. Each process
 feeds only its rows of the global batches
 (``jax.make_array_from_process_local_data``). Process 0 writes the final
@@ -60,13 +62,13 @@ def host_value(tree: Any) -> Any:
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def train(steps: int = STEPS, seed: int = 0) -> dict[str, Any]:
+def train(steps: int = STEPS, seed: int = 0, estimator: str = "probe") -> dict[str, Any]:
   """The data-parallel run over ``jax.devices()`` (all processes' devices)."""
   S = _ecosystem.import_example("sharded_training")
   C = _ecosystem.import_example("_common")
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   same, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  tx = S.make_tx(hidlr_optax.labels.head_vs_body(), probe_batch_size=1)
+  tx = S.make_tx(hidlr_optax.labels.head_vs_body(), probe_batch_size=1, estimator=estimator)
   params = replicated(same, S.init_params(seed))
   opt_state = jax.jit(tx.init, out_shardings=same)(params)
   data = C.load_digits(seed)[0]
@@ -92,11 +94,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   p.add_argument("--port", type=int, default=None, help="the coordinator's port on localhost")
   p.add_argument("--num-processes", type=int, default=1)
   p.add_argument("--process-id", type=int, default=0)
+  p.add_argument("--estimator", default="probe", help="sharded_training.make_tx's estimator")
   args = p.parse_args(argv)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if args.num_processes > 1:
     jax.distributed.initialize(f"localhost:{args.port}", args.num_processes, args.process_id)
-  result = train()
+  result = train(estimator=args.estimator)
   if args.process_id == 0:
     flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in
             jax.tree_util.tree_flatten_with_path(result.pop("params"))[0]}

@@ -1,6 +1,7 @@
 """Runs ``examples/sharded_training.py`` on 8 virtual CPU devices; prints JSON.
 
-Started by ``tests/test_sharding.py`` in a fresh process whose environment
+Runs it once per estimator (the paper's probes, the secant). Started by
+``tests/test_sharding.py`` in a fresh process whose environment
 sets ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before jax is
 imported. Prints one line ``RESULT <json>`` with what the test checks.
 """
@@ -31,12 +32,11 @@ def _spec(x) -> str:
   return "replicated" if sharding.is_fully_replicated else _normal(sharding.spec)
 
 
-def main() -> None:
-  S = _ecosystem.import_example("sharded_training")
-  out = S.main(["--steps", str(STEPS)])
+def summary(out: dict) -> dict:
+  """What the test checks of one :func:`sharded_training.main` output."""
   runs, reference = out["runs"], out["runs"]["single"]
   ref_fits = hidlr_optax.fit_diagnostics(reference["opt_state"])
-  result = {"device_count": jax.device_count(), "modes": {}}
+  result = {"modes": {}}
   for mode, run in runs.items():
     fits = hidlr_optax.fit_diagnostics(run["opt_state"])
     adam_mu = run["opt_state"][0].mu
@@ -67,6 +67,14 @@ def main() -> None:
       {"mode": m, "probe_batch_size": c, "groups": g, "bytes": b}
       for (m, c, g), b in out["memory"].items()
   ]
+  return result
+
+
+def main() -> None:
+  S = _ecosystem.import_example("sharded_training")
+  result = {"device_count": jax.device_count()}
+  for estimator in S.ESTIMATORS:
+    result[estimator] = summary(S.main(["--steps", str(STEPS), "--estimator", estimator]))
   print("RESULT " + json.dumps(result))
 
 

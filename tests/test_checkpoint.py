@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 
 import _ecosystem
@@ -101,3 +103,52 @@ def test_nnx_resume_from_checkpoint_is_bit_identical(tmp_path):
   _assert_identical(nnx.state(model2), nnx.state(model))
   _assert_identical(nnx.state(optimizer2), nnx.state(optimizer))
   assert int(hidlr_optax.find_states(optimizer2.opt_state)[0].num_refreshes[...]) == 4
+
+
+def _mlp(seed):
+  keys = jax.random.split(jax.random.key(seed), 2)
+  return {
+      "hidden": {"kernel": jax.random.normal(keys[0], (64, 32)) / 8.0, "bias": np.zeros(32, np.float32)},
+      "head": {"kernel": jax.random.normal(keys[1], (32, 10)) / 6.0, "bias": np.zeros(10, np.float32)},
+  }
+
+
+def _mlp_loss(params, batch):
+  x, y = batch
+  h = jax.nn.relu(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
+  logits = h @ params["head"]["kernel"] + params["head"]["bias"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+@pytest.mark.parametrize("estimator, probe", [("secant", "batch"), ("probe", "same"),
+                                              ("secant", "same")])
+def test_the_recipe_and_the_secant_resume_bit_identically(tmp_path, estimator, probe):
+  # The recipe's state carries the loss guard (LossGuard) and the decay's
+  # count; the secant's its own fits: all of it must survive a checkpoint.
+  data = _data()
+  tx = hidlr_optax.hidlr(optax.scale_by_adam(), 1e-3, hidlr_optax.labels.head_vs_body(),
+                         update_every=UPDATE_EVERY, estimator=estimator, total_steps=STEPS)
+  step = hidlr_optax.make_train_step(_mlp_loss, tx, probe=probe)
+
+  def run(params, opt_state, start, stop):
+    for i in range(start, stop):
+      probe_batch = (C.batch_at(data, i + 1, BATCH),) if probe == "batch" else ()
+      params, opt_state, _ = step(params, opt_state, C.batch_at(data, i, BATCH), *probe_batch)
+    return params, opt_state
+
+  params = _mlp(0)
+  full = run(params, tx.init(params), 0, STEPS)
+  first = run(params, tx.init(params), 0, SAVE_AT)
+  like = (_mlp(1), tx.init(_mlp(1)))
+  restored = _save_and_restore(tmp_path / "recipe", first, like)
+  _assert_identical(restored, first)
+  [state] = hidlr_optax.find_states(restored[1])
+  assert isinstance(state.guard, hidlr_optax.LossGuard)
+  assert int(state.num_refreshes) == len(range(0, SAVE_AT, UPDATE_EVERY))
+
+  resumed = run(*restored, SAVE_AT, STEPS)
+  _assert_identical(resumed, full)
+  assert not np.allclose(
+      list(hidlr_optax.learning_rates(full[1]).values()),
+      list(hidlr_optax.learning_rates(first[1]).values()),
+  )

@@ -138,16 +138,19 @@ def train(**kwargs):
     updates, state = tx.update(jax.grad(ELLIPSE)(params), state, params, value_fn=ELLIPSE)
     return optax.apply_updates(params, updates), state
 
+  states = []
   for _ in range(150):
     params, state = step(params, state)
-  return float(ELLIPSE(params)), hidlr_optax.find_states(state)[0], step
+    states.append(hidlr_optax.find_states(state)[0])
+  return float(ELLIPSE(params)), states, step
 
 
 def test_the_guard_stops_a_runaway_that_the_rule_alone_does_not():
   start = float(ELLIPSE({"x": jnp.ones(2), "y": jnp.ones(2)}))
   unguarded, _, _ = train()
   assert not np.isfinite(unguarded) or unguarded > 1e3 * start
-  guarded, state, step = train(loss_guard=0.5)
+  guarded, states, step = train(loss_guard=0.5)
+  state = states[-1]
   assert np.isfinite(guarded) and guarded < 1e-3 * start
   assert int(state.guard.num_trips) >= 1
   assert np.all(np.isfinite(np.asarray(state.guard.ceilings)))
@@ -203,3 +206,17 @@ def test_the_recipe_runs_under_inject_hyperparams_without_recompiling():
   assert step._cache_size() == 1
   assert float(loss(w)) < 0.2 * float(loss(jnp.ones(3)))
   assert {"loss_guard", "total_steps"} <= set(hidlr_optax.STATIC_ARGS)
+
+
+def test_a_cap_never_takes_a_rate_below_min_learning_rate():
+  # The guard caps y's rate below 0.2 on its trips; min_learning_rate=0.2 is
+  # the user's hard bound, so the rate stops there (and the run converges:
+  # 0.2 is stable for y's curvatures 5 and 8).
+  floor = 0.2
+  loss, states, _ = train(loss_guard=0.5, min_learning_rate=floor)
+  ceilings = np.stack([np.asarray(s.guard.ceilings) for s in states])
+  rates = np.stack([np.asarray(s.learning_rates.stacked) for s in states])
+  assert int(states[-1].guard.num_trips) >= 1
+  assert ceilings.min() < floor  # a cap below the floor ...
+  assert rates.min() >= floor * (1 - 1e-6)  # ... that no rate followed
+  assert loss < 1e-3 * float(ELLIPSE({"x": jnp.ones(2), "y": jnp.ones(2)}))

@@ -4,7 +4,8 @@ Two processes with 4 virtual CPU devices each, joined on localhost with CPU
 collectives (gloo), train data parallel over a mesh of all 8 devices, each
 feeding its half of every batch (``tests/_multiprocess_worker.py``); one
 process with 8 devices runs the same program. Their final parameters, learning
-rates and losses agree to float rounding in the cross-device reductions.
+rates and losses agree to float rounding in the cross-device reductions, with
+the paper's probes and with the secant estimator.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import socket
 
 import numpy as np
+import pytest
 
 import _ecosystem
 
@@ -27,16 +29,17 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_as_one_with_all_devices(tmp_path):
-  port = free_port()
+@pytest.mark.parametrize("estimator", ["probe", "secant"])
+def test_two_processes_train_as_one_with_all_devices(tmp_path, estimator):
+  port, which = free_port(), ["--estimator", estimator]
   joined = [
       _ecosystem.start_python(
           WORKER, [str(tmp_path / "joined.npz"), "--port", str(port), "--num-processes", "2",
-                   "--process-id", str(i)], env=_ecosystem.virtual_cpu_devices(4))
+                   "--process-id", str(i), *which], env=_ecosystem.virtual_cpu_devices(4))
       for i in range(2)
   ]
   alone = _ecosystem.start_python(
-      WORKER, [str(tmp_path / "alone.npz")], env=_ecosystem.virtual_cpu_devices(8))
+      WORKER, [str(tmp_path / "alone.npz"), *which], env=_ecosystem.virtual_cpu_devices(8))
   for proc in [*joined, alone]:
     _ecosystem.finish(proc, TIMEOUT)
   two, one = (dict(np.load(tmp_path / f"{n}.npz")) for n in ("joined", "alone"))

@@ -3,8 +3,8 @@
 The device count of the CPU backend is fixed when jax starts, so the checks
 run in a fresh process (``tests/_sharding_worker.py``) with ``XLA_FLAGS`` set
 before jax is imported; this works under pytest-xdist too. The worker runs
-``examples/sharded_training.py`` (single device, data parallel, FSDP) and
-reports what is asserted here. It is one test so that xdist starts the
+``examples/sharded_training.py`` (single device, data parallel, FSDP), with
+the paper's probes and with the secant estimator, and reports what is asserted here. It is one test so that xdist starts the
 worker once.
 """
 
@@ -24,14 +24,14 @@ def run_worker() -> dict:
   return json.loads(line[len("RESULT "):])
 
 
-def test_sharded_training_on_eight_devices():
-  result = run_worker()
-  modes, single = result["modes"], result["modes"]["single"]
-  assert result["device_count"] == 8
+def check_layouts(modes: dict) -> None:
+  """Data parallel and FSDP equal the single-device run, placed as asked."""
+  single = modes["single"]
   assert modes["data"]["devices"] == modes["fsdp"]["devices"] == 8
 
   # Data parallel and FSDP equal the single-device run to float tolerance.
-  # Probe losses are global-batch losses: same fits, same decisions, same rates.
+  # Probe losses (and the secant's gradients) are global-batch values: same
+  # fits, same decisions, same rates.
   for mode in ("data", "fsdp"):
     run = modes[mode]
     assert run["separation"] is None, mode
@@ -52,9 +52,25 @@ def test_sharded_training_on_eight_devices():
   assert fsdp["kernel_spec_out"] == fsdp["adam_mu_spec"] == fsdp["kernel_spec_in"]
   assert fsdp["head_bias_spec_out"] == "replicated"
 
+
+def memory_of(result: dict) -> dict:
+  return {(m["mode"], m["probe_batch_size"], m["groups"]): m["bytes"] for m in result["memory"]}
+
+
+def test_sharded_training_on_eight_devices():
+  result = run_worker()
+  assert result["device_count"] == 8
+  for estimator in ("probe", "secant"):
+    check_layouts(result[estimator]["modes"])
+
   # Chunked probes: with data parallelism one probe at a time holds the same
   # memory for 8 or 44 probes (up to per-group bookkeeping), less than all at once.
-  memory = {(m["mode"], m["probe_batch_size"], m["groups"]): m["bytes"] for m in result["memory"]}
+  memory = memory_of(result["probe"])
   assert memory[("data", 1, 11)] < 1.05 * memory[("data", 1, 2)]
   assert memory[("data", 1, 11)] < memory[("data", None, 11)]
   assert memory[("fsdp", 1, 2)] < memory[("fsdp", None, 2)]
+  # The secant's refresh is two gradients whatever K: its step holds the
+  # same memory for 2 or 11 groups, in either layout.
+  secant = memory_of(result["secant"])
+  for mode in ("data", "fsdp"):
+    assert secant[(mode, None, 11)] < 1.05 * secant[(mode, None, 2)], mode
