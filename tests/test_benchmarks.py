@@ -301,3 +301,24 @@ def test_table4_measures_both_estimators_at_every_phi():
     # From the same two step ratios, the amortised speed moves monotonically
     # with Phi (from the refresh step's ratio at Phi = 1 towards the other's).
     assert speeds in (sorted(speeds), sorted(speeds, reverse=True))
+
+
+def test_rates_trace_compares_every_group_with_the_tuned_schedule(tmp_path):
+  from benchmarks import rates
+
+  traces = rates.main(["--tasks", "letters", "--seeds", "2", "--quick", "--out", str(tmp_path)])
+  trace = traces["letters"]
+  steps, tuned = trace["steps"], trace["tuned"]["rates"]
+  # AdamW's linear schedule from its picked peak, and the recipe's decay on Hi-DLR's rates.
+  assert tuned[0] > 0 and np.allclose(tuned / tuned[0], rates.decay(steps), atol=1e-6)
+  assert set(trace["methods"]) == set(rates.RECIPES)
+  for method in trace["methods"].values():
+    assert set(method["rates"]) == {"w1", "w2", "w3", "bias"}
+    for applied in method["rates"].values():
+      assert applied.shape == (2, steps)
+      assert np.all(np.isfinite(applied)) and np.all(applied[:, :-1] > 0)
+      # The first step's rate: the script's 1e-3 after one refresh (growth <= 4x).
+      assert 1e-3 <= applied[0, 0] <= 4e-3
+  text = (tmp_path / "rates.md").read_text()
+  assert text.count("| recipe (probes) |") == text.count("| recipe (secant) |") == 4
+  assert "| AdamW linear (peak " in text and (tmp_path / "rates.png").exists()
