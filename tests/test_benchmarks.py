@@ -64,7 +64,9 @@ def test_overhead_quick_writes_tables_of_finite_positive_numbers(tmp_path):
   assert all(math.isfinite(x) and x > 0 for x in numbers)
   # Every K x estimator row carries an amortised ratio and the paper's bound.
   grid_cells = re.findall(r"(\d+\.\d+) \((\d+\.\d+)\)", text)
-  assert len(grid_cells) == 4 * 2  # K = 2 x 2 estimators x 2 batchings, 2 Phis
+  # K = 2: probe x 2 batchings, jvp, secant x 2 feeds (separate batch, grad=); 2 Phis.
+  assert len(grid_cells) == 5 * 2
+  assert "| 2 | secant | own batch, grad= |" in text
   assert all(float(a) > 0 and 0 < float(b) < 1 for a, b in grid_cells)
   # The compile table takes Hi-DLR apart: each row holds less of the
   # refresh's work than the one before it, so it compiles fewer kernels,

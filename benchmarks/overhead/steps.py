@@ -48,7 +48,7 @@ class Variant:
   def label(self) -> str:
     if self.is_base:
       return "adam"
-    return f"K={self.k} {self.estimator} {self.batching}"
+    return f"K={self.k} {self.estimator} {self.batching}" + (" grad=" if self.reuse_value else "")
 
 
 BASE = Variant()

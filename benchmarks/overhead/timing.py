@@ -163,9 +163,16 @@ def grid(bench: Bench, ks: Sequence[int], estimators: Sequence[str],
          batchings: Sequence[str], phis: Sequence[int], reps: int,
          clock: Callable[[], float] = time.perf_counter) -> str:
   """Step ratios for every (K, estimator, batching), amortised for every Phi
-  (the batching only for the probe estimator, the one that has it)."""
-  variants = [Variant(k=k, estimator=e, batching=b)
-              for k in ks for e in estimators for b in (batchings if e == "probe" else ["-"])]
+  (the batching only for the probe estimator, the one that has it; the
+  secant also fed the gradient's own batch, ``value=`` and ``grad=``: one
+  gradient per refresh)."""
+  def feeds(k: int, e: str) -> list[Variant]:
+    if e == "probe":
+      return [Variant(k=k, estimator=e, batching=b) for b in batchings]
+    own = [Variant(k=k, estimator=e, batching="-", reuse_value=True)] if e == "secant" else []
+    return [Variant(k=k, estimator=e, batching="-"), *own]
+
+  variants = [v for k in ks for e in estimators for v in feeds(k, e)]
   thunks = {"base": bench.step_call(BASE)}
   for v in variants:
     thunks[v.label() + " non"] = bench.step_call(v, count=1)
@@ -177,7 +184,8 @@ def grid(bench: Bench, ks: Sequence[int], estimators: Sequence[str],
     non, ref = speed(t, v.label() + " non"), speed(t, v.label() + " ref")
     bound = bound_peft if peft else bound_full
     cells = [f"{amortised(non, ref, p):.2f} ({bound(v.k, p):.2f})" for p in phis]
-    rows.append([v.k, v.estimator, v.batching, non, ref, *cells])
+    rows.append([v.k, v.estimator, "own batch, grad=" if v.reuse_value else v.batching, non, ref,
+                 *cells])
   header = ["K", "estimator", "probes", "non-refresh", "refresh"] + [f"Phi={p}" for p in phis]
   return (f"base step: {ms(t['base']):.1f} ms (median). Amortised speed ratio for each"
           f" Phi, with the paper's {'PEFT' if peft else 'full-training'} bound in"
