@@ -86,7 +86,7 @@ def scale_by_hidlr(
     param_labels: LabelsOrFn = None,
     *,
     update_every: int = DEFAULTS.update_every,
-    smoothing: Scalar = DEFAULTS.smoothing,
+    smoothing: Optional[Scalar] = None,
     min_r2: Scalar = DEFAULTS.min_r2,
     fit: str = DEFAULTS.fit,
     estimator: EstimatorLike = "probe",
@@ -132,7 +132,8 @@ def scale_by_hidlr(
     param_labels: the groups, in any form ``optax.multi_transform`` accepts
       (a label pytree, a prefix of it, or a callable); ``None`` for one group.
     update_every: the refresh period ``Phi``, in steps.
-    smoothing: ``gamma``, the weight of the old rate in the moving average.
+    smoothing: ``gamma``, the weight of the old rate in the moving average;
+      ``None``: 0.9 (GeN's), or 0.7 with ``total_steps``.
     min_r2: smallest ``R^2`` of a group's fit for it to be accepted.
     fit: ``"diagonal"`` (``b_k / A_kk``) or ``"full"`` (``A^{-1} b``, with
       ``K(K-1)/2`` more probe sets).
@@ -155,7 +156,8 @@ def scale_by_hidlr(
       fraction, cap the rates of the groups that made it climb (the loss
       guard, for own-batch probes); ``None``: no guard.
     total_steps: the run's length: a linear decay of the applied step to 0
-      over it (in place of ``schedule``) and ``loss_guard=0.5`` unless given.
+      over it (in place of ``schedule``); ``loss_guard=0.5`` and
+      ``smoothing=0.7`` unless given.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -268,7 +270,7 @@ def hidlr(
     param_labels: LabelsOrFn = None,
     *,
     update_every: int = DEFAULTS.update_every,
-    smoothing: Scalar = DEFAULTS.smoothing,
+    smoothing: Optional[Scalar] = None,
     min_r2: Scalar = DEFAULTS.min_r2,
     fit: str = DEFAULTS.fit,
     estimator: EstimatorLike = "probe",
@@ -330,7 +332,7 @@ def gen(
     *,
     param_labels: None = None,
     update_every: int = DEFAULTS.update_every,
-    smoothing: Scalar = DEFAULTS.smoothing,
+    smoothing: Optional[Scalar] = None,
     min_r2: Scalar = DEFAULTS.min_r2,
     estimator: EstimatorLike = "probe",
     max_growth: Optional[Scalar] = DEFAULTS.max_growth,

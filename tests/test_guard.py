@@ -220,3 +220,22 @@ def test_a_cap_never_takes_a_rate_below_min_learning_rate():
   assert ceilings.min() < floor  # a cap below the floor ...
   assert rates.min() >= floor * (1 - 1e-6)  # ... that no rate followed
   assert loss < 1e-3 * float(ELLIPSE({"x": jnp.ones(2), "y": jnp.ones(2)}))
+
+
+def test_total_steps_smooths_less_unless_smoothing_is_given():
+  from hidlr_optax._config import Config, PAPER_SMOOTHING, RECIPE_SMOOTHING
+
+  assert Config().smoothing == PAPER_SMOOTHING == 0.9  # the paper's rule stays the default
+  assert Config(total_steps=10).smoothing == RECIPE_SMOOTHING == 0.7
+  assert Config(total_steps=10, smoothing=0.9).smoothing == 0.9
+  assert Config(total_steps=10, smoothing=0.0).smoothing == 0.0
+  # The recipe's rate after one refresh on a quadratic whose fitted optimum is
+  # far above the rate: the growth bound's 4x, smoothed by 0.7 (1.9x), not 0.9 (1.3x).
+  loss = lambda w: 0.5 * jnp.sum(w**2)
+  for kwargs, factor in (({}, 1.3), ({"total_steps": 100}, 1.9),
+                         ({"total_steps": 100, "smoothing": 0.9}, 1.3)):
+    tx = hidlr_optax.scale_by_hidlr(1e-3, **kwargs)
+    w = jnp.ones(3)
+    _, state = tx.update(jax.grad(loss)(w), tx.init(w), w, value_fn=loss)
+    rate = float(state.learning_rates[hidlr_optax.SINGLE_GROUP_LABEL])
+    assert rate == pytest.approx(factor * 1e-3, rel=1e-5), kwargs
