@@ -25,7 +25,7 @@ README's results table from ``<name>.json``. Run from the repository root::
   python -m benchmarks.suite                                  # everything, 5 seeds
   python -m benchmarks.suite --tasks letters "California MLP" --seeds 3
   python -m benchmarks.suite --readme-table                   # from suite.json
-  python -m benchmarks.suite --readme-table --merge guard     # and guard.json's rows
+  python -m benchmarks.suite --readme-table --merge other     # and other.json's rows
 """
 
 from __future__ import annotations
