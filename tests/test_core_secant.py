@@ -105,3 +105,24 @@ def test_rejects_what_it_cannot_do():
   p = jnp.ones(2)
   with pytest.raises(ValueError, match="`grad=` needs `value=`"):
     tx.update(p, tx.init(p), p, value_fn=jnp.sum, grad=p)
+
+
+def test_runs_under_inject_hyperparams_without_recompiling():
+  # smoothing set between steps (an injected array) changes the next refresh,
+  # not the compiled step: 0.9 climbs towards Newton's rates, 0 lands on them.
+  factory = optax.inject_hyperparams(hidlr_optax.scale_by_hidlr,
+                                     static_args=hidlr_optax.STATIC_ARGS)
+  tx = optax.chain(optax.identity(), factory(1e-3, {"x": "x", "y": "y"}, update_every=1,
+                                             estimator="secant", smoothing=0.9, max_growth=None))
+  params = {"x": jnp.array(50.0), "y": jnp.array(1.0)}
+  step = jax.jit(lambda p, s: tx.update(jax.grad(ELLIPSE)(p), s, p, value_fn=ELLIPSE))
+  state = tx.init(params)
+  _, state = step(params, state)
+  smoothed = hidlr_optax.learning_rates(state)
+  assert 1e-3 < float(smoothed["x"]) < 0.5 and 1e-3 < float(smoothed["y"]) < 0.005
+  state = hidlr_optax.set_hyperparams(state, smoothing=0.0)
+  _, state = step(params, state)
+  rates = hidlr_optax.learning_rates(state)
+  assert float(rates["x"]) == pytest.approx(0.5, rel=1e-4)
+  assert float(rates["y"]) == pytest.approx(0.005, rel=1e-4)
+  assert step._cache_size() == 1

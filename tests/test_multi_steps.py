@@ -32,11 +32,12 @@ PARAMS = {
 }
 
 
-def make_tx():
+def make_tx(estimator=None):
   # estimator=hidlr_optax.ProbeEstimator(batch_size=1): the probes run in a loop, one value_fn call each, on
   # every backend (a vmapped callback would count per element).
   return hidlr_optax.hidlr(
-      optax.scale_by_adam(), 1e-2, LABELS, update_every=UPDATE_EVERY, estimator=hidlr_optax.ProbeEstimator(batch_size=1)
+      optax.scale_by_adam(), 1e-2, LABELS, update_every=UPDATE_EVERY,
+      estimator=estimator or hidlr_optax.ProbeEstimator(batch_size=1)
   )
 
 
@@ -99,10 +100,10 @@ def reference_run():
   return reference(*micro_data())
 
 
-def reference(micro, probes):
+def reference(micro, probes, estimator=None):
   """The plain optimizer on each real step's mean gradient, probing on its
   last micro-step's probe batch; returns params, state and value_fn calls."""
-  tx, counter = make_tx(), Counter()
+  tx, counter = make_tx(estimator), Counter()
   update = jax.jit(
       lambda g, s, p, pb: tx.update(g, s, p, value_fn=counter.value_fn(pb))
   )
@@ -193,3 +194,19 @@ def test_without_hidlr_it_is_optax_multi_steps(use_grad_mean):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u1, u2)
     params = optax.apply_updates(params, u1)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), s1, s2)
+
+
+def test_multi_steps_runs_the_secant_once_per_real_step():
+  # Two gradients of value_fn per refresh, once per real step, as the plain
+  # optimizer on the mean gradient does.
+  micro, probes = micro_data()
+  ref_params, ref_state, ref_calls = reference(micro, probes, "secant")
+  params, state, calls = train(hidlr_optax.multi_steps(make_tx("secant"), K), micro, probes)
+  assert calls == ref_calls == (REAL_STEPS // UPDATE_EVERY) * 2
+  rates = hidlr_optax.learning_rates(state)
+  ref_rates = hidlr_optax.learning_rates(ref_state)
+  for label in LABELS:
+    np.testing.assert_allclose(rates[label], ref_rates[label], rtol=1e-5)
+    assert float(rates[label]) != 1e-2  # the refreshes moved it
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               params, ref_params)
