@@ -43,11 +43,8 @@ def test_readme_code_blocks_run():
   blocks = python_blocks(ROOT / "README.md")
   recipe = re.search(r"## Quickstart: the recipe.*?```python\n(.*?)```", text, re.S).group(1)
   quickstart = re.search(r"## The paper.s rule.*?```python\n(.*?)```", text, re.S).group(1)
-  callers = re.search(r"can also be the caller's.*?```python\n(.*?)```", text, re.S).group(1)
-  made = next(b for b in blocks if "hidlr_optax.make_train_step(" in b and b != recipe)
-  assert blocks[:2] == [recipe, quickstart] and callers in blocks
+  assert blocks[:2] == [recipe, quickstart]
   namespace = {}
-  refreshes = None
   for i, block in enumerate(blocks):
     exec(compile(block, f"README python block {i}", "exec"), namespace)
     if block == recipe:  # own-batch probes, the decay and the guard, from total_steps
@@ -60,16 +57,6 @@ def test_readme_code_blocks_run():
     elif block == quickstart:
       rates = hidlr_optax.learning_rates(namespace["opt_state"])
       assert set(rates) == {"body", "head"}
-      assert float(namespace["loss"]) < 0.5
-      refreshes = int(hidlr_optax.find_states(namespace["opt_state"])[0].num_refreshes)
-    elif block == callers:  # the caller's refresh schedule, continuing from the quickstart
-      state = hidlr_optax.find_states(namespace["opt_state"])[0]
-      assert int(state.num_refreshes) == refreshes + 13  # steps 0, 8, ..., 96
-      assert float(namespace["loss"]) < 0.5
-    elif block == made:  # make_train_step with a schedule, check_direction quiet
-      state = hidlr_optax.find_states(namespace["opt_state"])[0]
-      assert int(state.count) == namespace["total_steps"]
-      assert int(state.num_refreshes) == 13  # Hi-DLR's own schedule: steps 0, 8, ..., 96
       assert float(namespace["loss"]) < 0.5
 
 
@@ -101,13 +88,34 @@ def test_readme_keeps_the_setup_commands_first():
 
 
 def test_docs_code_blocks_run():
-  """The runnable pages' ```python blocks (the quickstart, then diagnostics)."""
-  namespace = {}
+  """The runnable pages' ```python blocks (the quickstart, then diagnostics);
+  on getting_started, the caller's refresh schedule and make_train_step with
+  a schedule do what the page says."""
+  text = (DOCS / "getting_started.md").read_text()
+  callers = re.search(r"can also be the caller's.*?```python\n(.*?)```", text, re.S).group(1)
+  made = re.search(r"Warm-up and decay go to.*?```python\n(.*?)```", text, re.S).group(1)
+  assert "make_train_step(" in made and "schedule=" in made
+  namespace, refreshes, seen = {}, None, set()
   for page in RUNNABLE_PAGES:
     blocks = python_blocks(DOCS / page)
     assert blocks, page
     for i, block in enumerate(blocks):
       exec(compile(block, f"docs/{page} python block {i}", "exec"), namespace)
+      if page != "getting_started.md":
+        continue
+      state = hidlr_optax.find_states(namespace["opt_state"])[0]
+      if i == 0:  # the quickstart, Hi-DLR's own schedule
+        refreshes = int(state.num_refreshes)
+      elif block == callers:  # the caller's refresh schedule, continuing from the quickstart
+        assert int(state.num_refreshes) == refreshes + 13  # steps 0, 8, ..., 96
+        assert float(namespace["loss"]) < 0.5
+        seen.add("callers")
+      elif block == made:  # make_train_step with a schedule, check_direction quiet
+        assert int(state.count) == namespace["total_steps"]
+        assert int(state.num_refreshes) == 13  # Hi-DLR's own schedule: steps 0, 8, ..., 96
+        assert float(namespace["loss"]) < 0.5
+        seen.add("made")
+  assert seen == {"callers", "made"}
   assert set(hidlr_optax.learning_rates(namespace["opt_state"])) == {"body", "head"}
   hidlr_optax.check_direction(namespace["opt_state"])  # the quickstart's base is a direction
   with pytest.raises(ValueError, match="pointed uphill"):  # the diagnostics page's mistake
