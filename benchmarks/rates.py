@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import optax
 
 from benchmarks import suite
 from benchmarks.suite import RESULTS, rc
@@ -47,8 +48,9 @@ DEFAULT_TASKS = ("letters", "California MLP", "California additive model",
 
 
 def decay(steps: int) -> np.ndarray:
-  """The recipe's decay of the applied step, ``1 - t / T``, at every step."""
-  return 1.0 - np.arange(steps) / steps
+  """The recipe's decay of the applied step, ``1 - t / T``, at every step
+  (the schedule ``total_steps=`` builds)."""
+  return np.asarray(optax.linear_schedule(1.0, 0.0, steps)(np.arange(steps)), float)
 
 
 def trace_task(spec: suite.TaskSpec, seeds: Sequence[int], quick: bool) -> dict[str, Any]:

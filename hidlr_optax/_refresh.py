@@ -62,7 +62,7 @@ def refresh(
     new_rates, guard = _guard.guard(guard, estimate.origin, rates, new_rates,
                                     tolerance=config.loss_guard)
     # The guard only lowers rates; the user's lower bound holds over it.
-    new_rates = jnp.maximum(new_rates, config.min_learning_rate).astype(rates.dtype)
+    new_rates = _rule.bound(new_rates, config.min_learning_rate, None).astype(rates.dtype)
 
   old = state.fits.stacked
   uphill = _rule.uphill(estimate, config.min_r2)
