@@ -25,7 +25,7 @@ README's results table from ``<name>.json``. Run from the repository root::
   python -m benchmarks.suite                                  # everything, 5 seeds
   python -m benchmarks.suite --tasks letters "California MLP" --seeds 3
   python -m benchmarks.suite --readme-table                   # from suite.json
-  python -m benchmarks.suite --readme-table --merge other     # and other.json's rows
+  python -m benchmarks.suite --readme-table --merge other     # and other.json's tasks, rows
 """
 
 from __future__ import annotations
@@ -424,13 +424,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--readme-table", action="store_true",
                  help="print the README's results table from <out>/<name>.json and exit")
   p.add_argument("--merge", nargs="+", default=(), metavar="NAME",
-                 help="with --readme-table: also the rows of <out>/<NAME>.json (a run of"
-                      " other methods with the same seeds) that <name>.json lacks")
+                 help="with --readme-table: also the tasks and rows of <out>/<NAME>.json (a"
+                      " run of other tasks or methods with the same seeds) that <name>.json lacks")
   return p.parse_args(argv)
 
 
 def merged(results: dict[str, Any], others: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-  """``results`` with every task's methods of ``others`` that it lacks.
+  """``results`` with the tasks and every task's methods of ``others`` that it lacks.
 
   Every method the runs share must have the same numbers in both (the runs
   are deterministic per seed): otherwise they ran different code, and
@@ -440,6 +440,7 @@ def merged(results: dict[str, Any], others: Sequence[Mapping[str, Any]]) -> dict
   for other in others:
     for task, r in other.items():
       if task not in out:
+        out[task] = json.loads(json.dumps(r))
         continue
       mine = out[task]["methods"]
       for name, m in r["methods"].items():

@@ -55,6 +55,13 @@ def test_a_quick_task_writes_every_requested_method(tmp_path, capsys):
   suite.main(["--out", str(tmp_path), "--name", "tiny", "--readme-table", "--merge", "other"])
   (line,) = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| California MLP |")]
   assert np.isfinite(float(line.split(" | ")[column - 1].split(" ")[0]))
+  # and the tasks it lacks, after its own.
+  other["results"]["a task run apart"] = other["results"].pop("California MLP")
+  (tmp_path / "other.json").write_text(json.dumps(other))
+  suite.main(["--out", str(tmp_path), "--name", "tiny", "--readme-table", "--merge", "other"])
+  lines = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ")][1:]
+  assert [r.split(" | ")[0] for r in lines] == ["| California MLP", "| a task run apart"]
+  other["results"]["California MLP"] = other["results"].pop("a task run apart")
   # A row both runs hold must agree: else they ran different code.
   extra["Prodigy + warm-up, linear decay"]["metrics"][0]["test_mse"] += 1.0
   (tmp_path / "other.json").write_text(json.dumps(other))
