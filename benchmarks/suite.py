@@ -439,10 +439,8 @@ def merged(results: dict[str, Any], others: Sequence[Mapping[str, Any]]) -> dict
   out = json.loads(json.dumps(results))
   for other in others:
     for task, r in other.items():
-      if task not in out:
-        out[task] = json.loads(json.dumps(r))
-        continue
-      mine = out[task]["methods"]
+      # A task this run lacks is one with no methods yet.
+      mine = out.setdefault(task, {**r, "methods": {}})["methods"]
       for name, m in r["methods"].items():
         if name not in mine:
           mine[name] = m
