@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import re
 import shlex
 import sys
 import time
@@ -325,8 +326,10 @@ def figure(results: Mapping[str, Mapping[str, Any]], out: Path, name: str) -> Pa
 
 
 def render(command: str, seeds: Sequence[int], results: Mapping[str, Any],
-           minutes: float, pending: Sequence[str], picture: Optional[Path]) -> str:
-  """The results file: command, setting, one section per task, the figure."""
+           minutes: float, pending: Sequence[str], picture: Optional[Path],
+           updates: Sequence[str] = ()) -> str:
+  """The results file: command (and the updates that reran some of its rows),
+  setting, one section per task, the figure."""
   configs = "\n".join(
       f"- **{name}**: `{json.dumps(config)}`, probe `{probe!r}`"
       for name, (config, probe) in HIDLR_CONFIGS.items()
@@ -336,8 +339,9 @@ def render(command: str, seeds: Sequence[int], results: Mapping[str, Any],
       f"## {task}\n\n{r['setting']}.\n\n{task_table(r)}" for task, r in results.items()
   )
   image = f"![suite]({picture.name})\n" if picture is not None else ""
+  reruns = "".join(f"\nRows rerun by: {update}\n" for update in updates)
   return f"""Command: `{command}`
-
+{reruns}
 # The benchmark suite
 
 {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); a seed fixes the initialisation and the
@@ -423,6 +427,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   p.add_argument("--quick", action="store_true", help="every task at its script's --quick size")
   p.add_argument("--readme-table", action="store_true",
                  help="print the README's results table from <out>/<name>.json and exit")
+  p.add_argument("--update", action="store_true",
+                 help="run --methods on --tasks into the existing <name>.json: those rows are"
+                      " replaced, the others kept (after a change that moves only them)")
   p.add_argument("--merge", nargs="+", default=(), metavar="NAME",
                  help="with --readme-table: also the tasks and rows of <out>/<NAME>.json (a"
                       " run of other tasks or methods with the same seeds) that <name>.json lacks")
@@ -461,17 +468,36 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   command = shlex.join(["python", "-m", "benchmarks.suite", *argv])
   seeds = list(range(args.seeds))
   start = time.perf_counter()
-  results: dict[str, Any] = {}
+  run = {"command": command, "results": {}, "minutes": 0.0, "updates": []}
+  if args.update:
+    kept = json.loads(stored.read_text())
+    if "minutes" not in kept:  # a file from before the time was stored: its page has it
+      md = (args.out / f"{args.name}.md").read_text()
+      kept["minutes"] = float(re.search(r"([\d.]+) minutes in all", md).group(1))
+    for task, r in kept["results"].items():
+      for name, m in r["methods"].items():
+        if len(m["metrics"]) != args.seeds:
+          raise ValueError(f"--update: {task}: {name!r} has {len(m['metrics'])} seeds,"
+                           f" this run {args.seeds}")
+    run = {**run, **kept}
+  results, updates = run["results"], list(run["updates"])
   args.out.mkdir(parents=True, exist_ok=True)
   for i, name in enumerate(args.tasks):
-    results[name] = run_task(TASKS[name], args.methods, seeds, args.quick)
-    print(f"## {name}\n\n{task_table(results[name])}\n", flush=True)
+    rows = run_task(TASKS[name], args.methods, seeds, args.quick)
+    results.setdefault(name, {**rows, "methods": {}})["methods"].update(rows["methods"])
+    print(f"## {name}\n\n{task_table(rows)}\n", flush=True)
     # Written after every task, so that a long run's finished tasks are kept.
     picture = figure(results, args.out, args.name)
     minutes = (time.perf_counter() - start) / 60
-    text = render(command, seeds, results, minutes, args.tasks[i + 1:], picture)
+    if args.update:
+      run["updates"] = [*updates, f"`{command}` ({minutes:.1f} minutes)"]
+    else:
+      run["minutes"] = minutes
+    pending = () if args.update else args.tasks[i + 1:]
+    text = render(run["command"], seeds, results, run["minutes"], pending, picture,
+                  run["updates"])
     (args.out / f"{args.name}.md").write_text(text)
-    stored.write_text(json.dumps({"command": command, "results": results}, indent=1))
+    stored.write_text(json.dumps(run, indent=1))
   return results
 
 

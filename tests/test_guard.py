@@ -4,10 +4,10 @@ Own-batch fits lift the rates; nothing in a fit says when the lift runs
 away, so the guard watches the refresh losses. These tests check its rule on
 hand-made loss sequences (a sustained rise trips it, one outlier batch does
 not, a non-finite loss halves every rate, a group whose fits already cut its
-rate is left alone), that it stops a runaway that the unguarded rule does
-not, and the recipe's plumbing: ``total_steps=`` sets the decay and the
-guard, rejects a second schedule, runs under jit without recompiling and
-under ``optax.inject_hyperparams``.
+rate is left alone, a flat loss holds the rates' climb), that it stops a
+runaway that the unguarded rule does not, and the recipe's plumbing:
+``total_steps=`` sets the decay and the guard, rejects a second schedule, runs
+under jit without recompiling and under ``optax.inject_hyperparams``.
 """
 
 import jax
@@ -87,6 +87,24 @@ def test_the_caps_lift_once_the_loss_falls_again():
   first = [int(s.num_trips) for s in states].index(1)
   assert float(outputs[first][0]) == pytest.approx(0.05)
   np.testing.assert_allclose(np.asarray(outputs[-1]), [0.2, 0.2], rtol=1e-6)
+
+
+def test_a_rate_climbs_only_while_the_loss_makes_new_lows():
+  # A flat loss never trips the guard, but the rates proposed (twice the
+  # current ones) may rise only to PROGRESS_LIFT times the rates at the
+  # lowest average (the first refresh's, 0.1), and one above that may fall.
+  rates = [[0.1, 0.1], [0.2, 0.2], [0.2, 0.2], [0.5, 0.05]]
+  states, outputs = run([1.0] * 4, rates)
+  assert int(states[-1].num_trips) == 0
+  lift = _guard.PROGRESS_LIFT * 0.1
+  np.testing.assert_allclose(np.asarray(outputs[1]), [lift, lift], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(outputs[2]), [lift, lift], rtol=1e-6)
+  # 0.5 is above the bound already: it may not rise (to 1.0), and stays.
+  np.testing.assert_allclose(np.asarray(outputs[3]), [0.5, 0.1], rtol=1e-6)
+  # A new low moves the bound to the rates then in force.
+  states, outputs = run([1.0, 1.0, 0.5], rates[:3])
+  np.testing.assert_allclose(np.asarray(outputs[2]), [0.4, 0.4], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(states[2].rates_at_best), [0.2, 0.2])
 
 
 def test_a_second_trip_needs_a_second_rise():

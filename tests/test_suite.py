@@ -69,6 +69,28 @@ def test_a_quick_task_writes_every_requested_method(tmp_path, capsys):
     suite.main(["--out", str(tmp_path), "--name", "tiny", "--readme-table", "--merge", "other"])
 
 
+def test_an_update_reruns_its_rows_and_keeps_the_others(tmp_path):
+  first = ["Hi-DLR, own batch + linear decay", "Prodigy + linear decay"]
+  base = ["--tasks", "California MLP", "--seeds", "1", "--quick", "--out", str(tmp_path),
+          "--name", "tiny"]
+  before = suite.main([*base, "--methods", *first])["California MLP"]["methods"]
+  # Prodigy's row rerun (same code, same numbers) and a row added.
+  rerun = ["Prodigy + linear decay", "AdamW linear"]
+  suite.main([*base, "--update", "--methods", *rerun])
+  stored = json.loads((tmp_path / "tiny.json").read_text())
+  methods = stored["results"]["California MLP"]["methods"]
+  assert list(methods) == [*first, "AdamW linear"]
+  assert methods[first[0]] == json.loads(json.dumps(before[first[0]]))
+  assert methods[first[1]]["metrics"] == json.loads(json.dumps(before[first[1]]["metrics"]))
+  text = (tmp_path / "tiny.md").read_text()
+  assert text.startswith("Command: `python -m benchmarks.suite --tasks 'California MLP'")
+  assert "Rows rerun by: `python -m benchmarks.suite" in text and "--update" in text
+  assert "| AdamW linear |" in text and f"| {first[0]} |" in text
+  assert stored["minutes"] > 0 and len(stored["updates"]) == 1
+  with pytest.raises(ValueError, match="has 1 seeds, this run 2"):
+    suite.main([*base[:3], "2", *base[4:], "--update", "--methods", "AdamW linear"])
+
+
 def test_unknown_methods_are_refused():
   with pytest.raises(ValueError, match="unknown methods"):
     suite.main(["--tasks", "California MLP", "--seeds", "1", "--quick", "--methods", "Adam"])
