@@ -153,8 +153,8 @@ def scale_by_hidlr(
       ``"previous"`` fits the previous step from where it started, unbiased
       on any probe batch, the gradient's own included.
     loss_guard: when the refresh losses' moving average rises by this
-      fraction, cap the rates of the groups that made it climb (the loss
-      guard, for own-batch probes); ``None``: no guard.
+      fraction, cap the rates of the groups that made it climb; and hold any
+      climb until the loss makes a new low (for own-batch probes). ``None``: no guard.
     total_steps: the run's length: a linear decay of the applied step to 0
       over it (in place of ``schedule``); ``loss_guard=0.5`` and
       ``smoothing=0.7`` unless given.
