@@ -26,6 +26,8 @@ README's results table from ``<name>.json``. Run from the repository root::
   python -m benchmarks.suite --tasks letters "California MLP" --seeds 3
   python -m benchmarks.suite --readme-table                   # from suite.json
   python -m benchmarks.suite --readme-table --merge other     # and other.json's tasks, rows
+  python -m benchmarks.suite --tasks letters --methods "Hi-DLR, own batch + guard" --update
+                                    # rerun rows into suite.json, keeping the others
 """
 
 from __future__ import annotations
